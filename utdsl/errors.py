@@ -1,0 +1,137 @@
+"""User-facing errors: one exception family, rendered as ``file:line:col: error: message``.
+
+Every error a user can cause (a spec, a model, a data set, a checkpoint) is a :class:`UtdslError`.
+It carries a list of :class:`Diagnostic` so that tests can assert line and column exactly and a
+stage can collect every problem of a spec before raising once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+__all__ = [
+    "Source",
+    "Span",
+    "Diagnostic",
+    "UtdslError",
+    "SpecError",
+    "ModelError",
+    "CheckpointError",
+    "DataError",
+    "closest",
+    "raise_if_any",
+]
+
+
+@dataclass(frozen=True)
+class Source:
+    """The text of a spec and where it came from (a path, or ``<string>``)."""
+
+    text: str
+    path: str = "<string>"
+
+    def line(self, number: int) -> str:
+        lines = self.text.splitlines()
+        return lines[number - 1] if 0 < number <= len(lines) else ""
+
+
+@dataclass(frozen=True)
+class Span:
+    """A region of a source: 1-based line and column of its start and end (end exclusive)."""
+
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+    source: Source | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def location(self) -> str:
+        path = self.source.path if self.source else "<string>"
+        return f"{path}:{self.line}:{self.column}"
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One problem: a message, where it is (if it is in a spec) and a hint."""
+
+    message: str
+    span: Span | None = None
+    hint: str | None = None
+    severity: str = "error"
+
+    @property
+    def line(self) -> int | None:
+        return self.span.line if self.span else None
+
+    @property
+    def column(self) -> int | None:
+        return self.span.column if self.span else None
+
+    def render(self) -> str:
+        if self.span is None:
+            text = f"{self.severity}: {self.message}"
+        else:
+            text = f"{self.span.location}: {self.severity}: {self.message}"
+            source_line = self.span.source.line(self.span.line) if self.span.source else ""
+            if source_line:
+                width = 1
+                if self.span.end_line == self.span.line:
+                    width = max(1, self.span.end_column - self.span.column)
+                text += f"\n    {source_line}\n    {' ' * (self.span.column - 1)}{'^' * width}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+
+class UtdslError(Exception):
+    """Base of every error a user can cause; ``str()`` is the rendered message."""
+
+    def __init__(self, message: str | None = None, *, diagnostics: Sequence[Diagnostic] = (),
+                 span: Span | None = None, hint: str | None = None):
+        if not diagnostics:
+            diagnostics = [Diagnostic(message or "error", span, hint)]
+        self.diagnostics: list[Diagnostic] = list(diagnostics)
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        return "\n".join(d.render() for d in self.diagnostics)
+
+    def __str__(self) -> str:  # exceptions pickle args; keep the rendering authoritative
+        return self.render()
+
+
+class SpecError(UtdslError):
+    """A spec is malformed or does not fit the model (syntax, arguments, selectors)."""
+
+
+class ModelError(UtdslError):
+    """A model name, weights file or model structure cannot be used."""
+
+
+class CheckpointError(UtdslError):
+    """A checkpoint is missing, corrupt or belongs to another model or spec."""
+
+
+class DataError(UtdslError):
+    """A data set root is missing or not laid out as its format requires."""
+
+
+def closest(word: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.4) -> list[str]:
+    """The ``n`` candidates closest to ``word`` (difflib ratio), best first."""
+    return difflib.get_close_matches(word, list(dict.fromkeys(candidates)), n=n, cutoff=cutoff)
+
+
+def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str | None:
+    """A ``did you mean`` hint or None when nothing is close."""
+    found = closest(word, candidates, n=n)
+    return "did you mean " + ", ".join(f"'{c}'" for c in found) + "?" if found else None
+
+
+def raise_if_any(diagnostics: Sequence[Diagnostic], error: type[UtdslError] = SpecError) -> None:
+    """Raise one error holding every error-severity diagnostic, if there is any."""
+    errors = [d for d in diagnostics if d.severity == "error"]
+    if errors:
+        raise error(diagnostics=errors)

@@ -1,0 +1,250 @@
+"""The spec AST: frozen dataclasses, each with the source span it was parsed from.
+
+``parse`` builds these from text; ``check`` returns the same tree with ``let``/``use`` resolved and
+tuner arguments validated (``Rule.args`` then holds a pydantic model instance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .errors import Source, Span
+
+__all__ = [
+    "Name", "Star", "GlobStar", "Group", "Segment", "IndexRange", "Chunks", "Path", "Selector",
+    "Expr", "Literal", "Ref", "BinOp", "Neg",
+    "Arg", "TunerCall", "Header", "Let", "Use", "Rule", "Train", "Freeze", "Statement", "Spec",
+]
+
+
+# ---- selectors -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IndexRange:
+    """``[a:b]`` (``a`` or ``b`` may be None) or ``[i]`` (``stop`` is None, ``single`` True)."""
+
+    start: int | None
+    stop: int | None
+    single: bool
+    span: Span
+
+    def contains(self, index: int) -> bool:
+        if self.single:
+            return index == self.start
+        return (self.start is None or index >= self.start) and (self.stop is None or index < self.stop)
+
+    def __str__(self) -> str:
+        if self.single:
+            return str(self.start)
+        return f"{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}"
+
+
+@dataclass(frozen=True)
+class Name:
+    """A literal path segment (``attn``, ``0``), optionally followed by index ranges
+    (``blocks[0:6]`` is the segment ``blocks`` followed by one numeric segment in 0..5)."""
+
+    text: str
+    span: Span
+    indices: tuple[IndexRange, ...] = ()
+
+    def __str__(self) -> str:
+        if not self.indices:
+            return self.text
+        return f"{self.text}[{', '.join(map(str, self.indices))}]"
+
+
+@dataclass(frozen=True)
+class Star:
+    """``*``: exactly one segment."""
+
+    span: Span
+
+    def __str__(self) -> str:
+        return "*"
+
+
+@dataclass(frozen=True)
+class GlobStar:
+    """``**``: zero or more segments."""
+
+    span: Span
+
+    def __str__(self) -> str:
+        return "**"
+
+
+@dataclass(frozen=True)
+class Group:
+    """``(attn | mlp.fc1)``: one of several sub-paths."""
+
+    paths: tuple["Path", ...]
+    span: Span
+
+    def __str__(self) -> str:
+        return "(" + " | ".join(map(str, self.paths)) + ")"
+
+
+Segment = Union[Name, Star, GlobStar, Group]
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """``{q, v}`` or ``{0, 2 of 3}``: parts of a fused output along its feature dimension."""
+
+    labels: tuple[str, ...]        # as written: "q", "v", "0", "2"
+    indices: tuple[int, ...]       # chunk indices
+    count: int                     # how many equal chunks the output splits into
+    span: Span
+
+    def __str__(self) -> str:
+        if all(label in "qkv" for label in self.labels) and self.count == 3:
+            return "{" + ", ".join(self.labels) + "}"
+        return "{" + ", ".join(self.labels) + f" of {self.count}" + "}"
+
+
+@dataclass(frozen=True)
+class Path:
+    """Dotted segments; matches any module path ending so unless ``rooted`` (written ``^a.b``)."""
+
+    segments: tuple[Segment, ...]
+    span: Span
+    rooted: bool = False
+
+    def __str__(self) -> str:
+        return ("^" if self.rooted else "") + ".".join(map(str, self.segments))
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Alternatives ``a | b``; ``chunks`` restricts every match to parts of its output."""
+
+    paths: tuple[Path, ...]
+    span: Span
+    chunks: Chunks | None = None
+
+    def __str__(self) -> str:
+        return " | ".join(map(str, self.paths)) + (str(self.chunks) if self.chunks else "")
+
+
+# ---- expressions -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Literal:
+    value: int | float | str | bool
+    span: Span
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to a ``let`` binding (bare identifiers that are not bindings are strings)."""
+
+    name: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class BinOp:
+    op: str  # one of + - * /
+    left: "Expr"
+    right: "Expr"
+    span: Span
+
+
+@dataclass(frozen=True)
+class Neg:
+    operand: "Expr"
+    span: Span
+
+
+Expr = Union[Literal, Ref, BinOp, Neg]
+
+
+# ---- statements ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    value: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
+class TunerCall:
+    name: str
+    args: tuple[Arg, ...]
+    span: Span
+    name_span: Span
+
+
+@dataclass(frozen=True)
+class Header:
+    """``spec NAME "description"``."""
+
+    name: str
+    description: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class Let:
+    name: str
+    value: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
+class Use:
+    path: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``SELECTOR -> PLACEMENT TUNER(ARGS)``.
+
+    After ``check``, ``args`` holds the validated pydantic arguments of the tuner and
+    ``origin`` the path of the spec file the rule came from (differs from the top spec for ``use``).
+    """
+
+    selector: Selector
+    placement: str
+    tuner: TunerCall
+    span: Span
+    placement_span: Span
+    args: Any = None
+
+
+@dataclass(frozen=True)
+class Train:
+    selector: Selector
+    span: Span
+
+
+@dataclass(frozen=True)
+class Freeze:
+    selector: Selector
+    span: Span
+
+
+Statement = Union[Header, Let, Use, Rule, Train, Freeze]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed (or checked) spec: its statements in order, its source and header."""
+
+    statements: tuple[Statement, ...]
+    source: Source
+    name: str | None = None
+    description: str = ""
+    bindings: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return tuple(s for s in self.statements if isinstance(s, Rule))
+
+    @property
+    def param_rules(self) -> tuple[Train | Freeze, ...]:
+        return tuple(s for s in self.statements if isinstance(s, (Train, Freeze)))

@@ -1,0 +1,52 @@
+"""``lowrank``: LoRA (Hu et al., 2021). U(x) = (alpha / r) * B(A(dropout(x))), B zero at init."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from . import register
+from .base import SiteInfo, Tuner, TunerArgs
+
+
+class LowRankArgs(TunerArgs):
+    r: int = Field(8, gt=0, description="rank of the update")
+    alpha: float | None = Field(None, gt=0, description="scaling numerator; alpha / r scales U (default: r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the input of A")
+    init: Literal["kaiming", "gaussian"] = Field("kaiming", description="initialisation of A (B is zero)")
+
+
+@register
+class LowRank(Tuner):
+    name = "lowrank"
+    Args = LowRankArgs
+    placements = frozenset({"parallel"})
+    mergeable = frozenset({"parallel"})
+    summary = "LoRA: low-rank update B·A scaled by alpha/r; zero at init, mergeable into a linear"
+
+    def __init__(self, in_features: int, out_features: int, args: LowRankArgs):
+        super().__init__()
+        self.down = nn.Linear(in_features, args.r, bias=False)
+        self.up = nn.Linear(args.r, out_features, bias=False)
+        self.dropout = nn.Dropout(args.dropout) if args.dropout else nn.Identity()
+        self.scaling = (args.alpha if args.alpha is not None else args.r) / args.r
+        if args.init == "kaiming":
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.down.weight, std=1.0 / args.r)
+        nn.init.zeros_(self.up.weight)
+
+    @classmethod
+    def build(cls, args: LowRankArgs, site: SiteInfo) -> "LowRank":
+        return cls(site.in_features, site.out_features, args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(self.dropout(x))) * self.scaling
+
+    def merge_delta(self) -> torch.Tensor:
+        """ΔW (out, in) to add to the tuned linear's weight."""
+        return (self.up.weight @ self.down.weight) * self.scaling
