@@ -196,8 +196,11 @@ class Let:
 
 @dataclass(frozen=True)
 class Use:
+    """``use "other.ut"``; ``path_span`` is the span of the string."""
+
     path: str
     span: Span
+    path_span: Span | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,7 @@ class Rule:
     span: Span
     placement_span: Span
     args: Any = None
+    origin: str | None = None
 
 
 @dataclass(frozen=True)

@@ -26,4 +26,4 @@ def names() -> list[str]:
     return sorted(REGISTRY)
 
 
-from . import adapter, affine, lowrank  # noqa: E402,F401  (registration side effect)
+from . import adapter, affine, kv, lowrank, tokens  # noqa: E402,F401  (registration side effect)

@@ -1,0 +1,129 @@
+"""What every data set format shares: :class:`DatasetInfo`, two dataset classes (images listed by
+path, images held in an array) and the layout errors that name what a root should hold.
+
+Every data set built here yields ``(image, label)`` with ``label`` an ``int`` in
+``range(info.num_classes)``, exposes ``targets`` (the labels in order) and ``info``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from utdsl.errors import DataError, did_you_mean
+
+__all__ = ["DatasetInfo", "ImageListDataset", "ArrayDataset", "layout_error", "listing",
+           "require_root", "check_split"]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a built data set is: its spec, split, classes, size and where it was read from.
+
+    ``augment`` says whether random-resized-crop and flip augmentation suit the data (not for
+    8x8 digits, whose orientation and extent carry the label).
+    """
+
+    spec: str
+    split: str
+    num_classes: int
+    num_samples: int
+    source: str
+    layout: str
+    class_names: tuple[str, ...] | None = None
+    augment: bool = True
+
+    def summary(self) -> str:
+        """One line for logs and the CLI."""
+        return (f"{self.spec} [{self.split}]: {self.num_samples} images, {self.num_classes} classes "
+                f"from {self.source}")
+
+
+def _check_labels(labels: Sequence[int], num_classes: int, spec: str) -> None:
+    bad = [label for label in labels if not 0 <= label < num_classes]
+    if bad:
+        raise DataError(f"data set '{spec}': label {bad[0]} is outside range(0, {num_classes})")
+
+
+class ImageListDataset(Dataset):
+    """Images read from files: ``samples`` is a list of ``(path, label)``; loaded as RGB."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable | None, info: DatasetInfo):
+        _check_labels([label for _, label in samples], info.num_classes, info.spec)
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.transform = transform
+        self.info = info
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except FileNotFoundError:
+            raise DataError(f"data set '{self.info.spec}': image '{path}' does not exist",
+                            hint=f"image paths are resolved under {self.info.source}") from None
+        except (UnidentifiedImageError, OSError) as error:
+            raise DataError(f"data set '{self.info.spec}': cannot read image '{path}': {error}") from None
+        return (self.transform(image) if self.transform else image), label
+
+
+class ArrayDataset(Dataset):
+    """Images held in memory: ``images`` is uint8 ``(N, H, W, 3)``; served as PIL RGB images."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], transform: Callable | None,
+                 info: DatasetInfo):
+        _check_labels(labels, info.num_classes, info.spec)
+        self.images = images
+        self.targets = [int(label) for label in labels]
+        self.transform = transform
+        self.info = info
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.images[index])
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+
+def listing(path: Path, limit: int = 8) -> str:
+    """What ``path`` holds, for an error message: sorted names (directories end in ``/``)."""
+    if not path.exists():
+        return f"no such directory '{path}'"
+    if not path.is_dir():
+        return f"'{path}' is a file, not a directory"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    if not names:
+        return f"an empty directory '{path}'"
+    more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def layout_error(spec: str, root: Path, expected: str, layout: str, hint: str | None = None) -> DataError:
+    """The error for a root not laid out as ``layout``: what was expected, what is there."""
+    return DataError(f"data set '{spec}' at '{root}': expected {expected} ({layout}); "
+                     f"found: {listing(root)}", hint=hint)
+
+
+def require_root(spec: str, root: str | Path | None, expected: str, layout: str) -> Path:
+    """``root`` as a Path, or the error for a data set that needs one and got none."""
+    if root is None or str(root) == "":
+        raise DataError(f"data set '{spec}' needs a data root: expected {expected} ({layout})",
+                        hint="pass --data-root DIR")
+    return Path(root).expanduser()
+
+
+def check_split(spec: str, split: str, allowed: Sequence[str]) -> None:
+    """Raise for a split the format does not have."""
+    if split not in allowed:
+        raise DataError(f"data set '{spec}' has no split '{split}'; its splits: {', '.join(allowed)}",
+                        hint=did_you_mean(split, allowed))

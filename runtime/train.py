@@ -1,0 +1,239 @@
+"""The training loop: ``fit`` trains any model whose trainable parameters require grad, ``train``
+builds a run (spec + model + data + recipe) and fits it (``utdsl train``).
+
+Per optimizer step: ``grad_accum`` forward/backward passes (DDP gradient sync only on the last),
+optional gradient clipping, the learning rate of the step (:func:`~.optim.lr_at`), one optimizer
+step. bf16 autocast on CUDA (``precision="auto"``). After each epoch: evaluation (top-1/top-5) on
+the evaluation split, a metrics line, ``last`` and (on a better top-1) ``best`` tuner checkpoints
+and the resume state, all written by rank 0.
+
+Determinism: the data order is a function of (seed, epoch), each sample's augmentation of
+(seed, epoch, index), and the random state of each forward pass (dropout, drop-path) is re-seeded
+from (seed, rank, epoch, batch). A run resumed from any saved state therefore ends with bitwise
+the same weights as an uninterrupted run (on CPU; on CUDA as far as its kernels are deterministic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from utdsl.errors import CheckpointError
+
+from .config import RunConfig, build_data, build_model, checkpoint_metadata
+from .distributed import DistContext, EpochSampler, SeededDataset, all_reduce_sum, barrier, mix_seed
+from .evaluate import EvalResult, autocast_for, evaluate
+from .optim import build_optimizer, lr_at, schedule_info
+from .recipes import Recipe
+from .rundir import RunDir, TrainState
+
+__all__ = ["FitResult", "fit", "train", "progress_enabled"]
+
+
+@dataclass
+class FitResult:
+    """How ``fit`` ended: the loop state, the last evaluation, and whether it stopped early."""
+
+    state: TrainState
+    last_eval: EvalResult | None
+    stopped: bool = False
+
+
+def progress_enabled(requested: bool | None = None) -> bool:
+    """Progress bars on request, else only on an interactive terminal outside CI."""
+    if requested is not None:
+        return requested
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=False)
+
+
+def _batches(n: int, recipe: Recipe, ctx: DistContext) -> int:
+    per_rank = len(EpochSampler(n, world_size=ctx.world_size, rank=ctx.rank, shuffle=False))
+    return math.ceil(per_rank / recipe.batch_size)
+
+
+def _wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
+    if not ctx.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, recipe: Recipe, run: RunDir, *,
+        ctx: DistContext | None = None, resume: bool = False, num_workers: int = 0,
+        progress: bool | None = None, checkpoint_every: int = 0, metadata: Mapping[str, str] | None = None,
+        stop_after_steps: int | None = None) -> FitResult:
+    """Train ``model``'s trainable parameters on ``train_set`` with ``recipe``, writing to ``run``.
+
+    ``resume`` continues from ``run``'s saved state (parameters, optimizer, position); the metrics
+    lines written after that state are dropped first. ``checkpoint_every`` also saves the state every
+    N optimizer steps inside an epoch. ``stop_after_steps`` stops after that many optimizer steps in
+    all, as if killed (nothing more is saved); tests use it. ``metadata`` goes into the tuner
+    checkpoints, with ``run.epoch``/``run.step``/``run.top1`` added.
+    """
+    ctx = ctx or DistContext()
+    model.to(ctx.device)
+    optimizer = build_optimizer(model, recipe)
+    n_batches = _batches(len(train_set), recipe, ctx)
+    steps_per_epoch = math.ceil(n_batches / recipe.grad_accum)
+    schedule = schedule_info(recipe, steps_per_epoch)
+    state = TrainState(schedule=schedule)
+    if resume:
+        loaded = run.load_state(model, optimizer)
+        if loaded is not None:
+            if loaded.schedule != schedule:
+                raise CheckpointError(f"{run.state_path}: saved for schedule {loaded.schedule}, "
+                                      f"this run has {schedule}", hint="resume with the same recipe and data")
+            state = loaded
+        if ctx.is_main:
+            run.truncate_metrics(state)
+    net = _wrap(model, ctx)
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    last_eval: EvalResult | None = None
+    loss_sum = torch.tensor(state.epoch_loss_sum, dtype=torch.float64, device=ctx.device)
+    log_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    log_samples, log_time = 0, time.perf_counter()
+    with _progress(ctx.is_main and progress_enabled(progress)) as bars:
+        epochs_bar = bars.add_task("epochs", total=recipe.epochs, completed=state.epoch, info="")
+        steps_bar = bars.add_task("steps", total=n_batches, completed=state.batch, info="")
+        for epoch in range(state.epoch, recipe.epochs):
+            bars.reset(steps_bar, total=n_batches, completed=state.batch, description=f"epoch {epoch + 1}")
+            sampler = EpochSampler(len(train_set), seed=recipe.seed, epoch=epoch, rank=ctx.rank,
+                                   world_size=ctx.world_size, start=state.batch * recipe.batch_size)
+            loader = DataLoader(SeededDataset(train_set, recipe.seed), batch_size=recipe.batch_size,
+                                sampler=sampler, num_workers=num_workers,
+                                pin_memory=ctx.device.type == "cuda")
+            epoch_start, epoch_samples0 = time.perf_counter(), state.epoch_samples
+            net.train()
+            for images, targets in loader:
+                index = state.batch
+                group_start = index - index % recipe.grad_accum
+                group = min(recipe.grad_accum, n_batches - group_start)
+                syncs = index - group_start == group - 1
+                images = images.to(ctx.device, non_blocking=True)
+                targets = torch.as_tensor(targets).to(ctx.device, non_blocking=True)
+                torch.manual_seed(mix_seed(recipe.seed, ctx.rank, epoch, index))
+                no_sync = net.no_sync() if ctx.distributed and not syncs else contextlib.nullcontext()
+                with no_sync:
+                    with autocast_for(ctx.device, recipe.precision):
+                        logits = net(images)
+                    loss = criterion(logits.float(), targets)
+                    (loss / group).backward()
+                batch_loss = loss.detach().double() * len(targets)
+                loss_sum += batch_loss
+                log_loss += batch_loss
+                state.epoch_samples += len(targets)
+                log_samples += len(targets)
+                state.batch += 1
+                bars.advance(steps_bar)
+                if not syncs:
+                    continue
+                lr = lr_at(state.step, recipe, steps_per_epoch)
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = lr
+                if recipe.clip_grad:
+                    nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], recipe.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                if state.step % recipe.log_every == 0:
+                    total_loss, samples = all_reduce_sum([log_loss.item(), log_samples], ctx)
+                    now = time.perf_counter()
+                    row = {"kind": "step", "step": state.step, "epoch": epoch, "loss": total_loss / max(samples, 1),
+                           "lr": lr, "throughput": samples / max(now - log_time, 1e-9)}
+                    bars.update(steps_bar, info=f"loss {row['loss']:.4f} lr {lr:.2e}")
+                    if ctx.is_main:
+                        run.append_metrics(row)
+                    log_loss.zero_()
+                    log_samples, log_time = 0, now
+                if checkpoint_every and state.step % checkpoint_every == 0 and state.batch < n_batches:
+                    state.epoch_loss_sum = loss_sum.item()
+                    if ctx.is_main:
+                        run.save_state(model, optimizer, state)
+                if stop_after_steps is not None and state.step >= stop_after_steps:
+                    return FitResult(state, last_eval, stopped=True)
+            total_loss, samples, elapsed = all_reduce_sum(
+                [loss_sum.item(), state.epoch_samples, time.perf_counter() - epoch_start], ctx)
+            row: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": state.step,
+                                   "loss": total_loss / max(samples, 1), "lr": lr_at(state.step - 1, recipe, steps_per_epoch),
+                                   "throughput": (samples - epoch_samples0 * ctx.world_size) / max(elapsed / ctx.world_size, 1e-9)}
+            if eval_set is not None and ((epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs):
+                last_eval = evaluate(model, eval_set, batch_size=recipe.batch_size, ctx=ctx,
+                                     precision=recipe.precision, num_workers=num_workers)
+                row.update(top1=last_eval.top1, top5=last_eval.top5, eval_loss=last_eval.loss,
+                           eval_throughput=last_eval.throughput)
+            state.epoch, state.batch, state.epoch_samples, state.epoch_loss_sum = epoch + 1, 0, 0, 0.0
+            loss_sum.zero_()
+            improved = last_eval is not None and "top1" in row and (state.best_top1 is None or last_eval.top1 > state.best_top1)
+            if improved:
+                state.best_top1, state.best_epoch = last_eval.top1, epoch
+            if ctx.is_main:  # metrics first: a resume drops lines newer than the state it finds
+                run.append_metrics(row)
+                meta = dict(metadata or {})
+                meta.update({"run.epoch": str(epoch), "run.step": str(state.step), "run.top1": str(row.get("top1", ""))})
+                run.save_tuners(model, "last", meta)
+                if improved:
+                    run.save_tuners(model, "best", meta)
+                run.save_state(model, optimizer, state)
+            bars.advance(epochs_bar)
+            bars.update(epochs_bar, info=f"top1 {row['top1']:.2f}" if "top1" in row else "")
+    barrier(ctx)
+    return FitResult(state, last_eval)
+
+
+def train(config: RunConfig | None, run_dir: str | os.PathLike, *, resume: bool = False,
+          ctx: DistContext | None = None, num_workers: int = 0, progress: bool | None = None,
+          checkpoint_every: int = 0, stop_after_steps: int | None = None,
+          echo: Callable[[str], Any] | None = None) -> FitResult:
+    """Run ``utdsl train``: write ``config`` to a new run directory, build the compiled model and
+    the data sets, and :func:`fit`. With ``resume``, the configuration is the run directory's own
+    (``config`` must be None or equal to it) and training continues where its state left off.
+    ``echo`` receives warnings meant for the user (a random backbone)."""
+    ctx = ctx or DistContext()
+    run = RunDir(run_dir)
+    if resume:
+        saved = RunConfig.model_validate(run.read_config())
+        if config is not None and config != saved:
+            raise CheckpointError(f"'{run.path}' was started with another configuration",
+                                  hint="resume with --resume RUN alone; the run's config.json is used")
+        if saved.world_size != ctx.world_size:
+            raise CheckpointError(f"'{run.path}' ran on {saved.world_size} process(es), this is {ctx.world_size}",
+                                  hint="an exact resume needs the same number of processes")
+        config = saved
+    else:
+        if config is None:
+            raise ValueError("train() needs a config unless resuming")
+        if run.exists():
+            raise CheckpointError(f"run directory '{run.path}' already holds a run",
+                                  hint="continue it with --resume, or choose another --out")
+        config = config.model_copy(update={"world_size": ctx.world_size})
+        barrier(ctx)  # every rank has checked before rank 0 creates the directory
+        if ctx.is_main:
+            run.write_config(config.model_dump(mode="json"))
+    recipe = config.recipe
+    torch.manual_seed(recipe.seed)  # tuner initialisation is part of the run
+    model = build_model(config, echo=echo)
+    train_set = build_data(config, recipe.train_split, train=True)
+    eval_set = build_data(config, recipe.eval_split, train=False) if recipe.eval_split else None
+    return fit(model, train_set, eval_set, recipe, run, ctx=ctx, resume=resume, num_workers=num_workers,
+               progress=progress, checkpoint_every=checkpoint_every, metadata=checkpoint_metadata(config),
+               stop_after_steps=stop_after_steps)

@@ -1,0 +1,61 @@
+"""The method library: exact parameter counts on ViT-B/16 and identity at init on a real model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import utdsl
+from utdsl.library import library_specs
+from utdsl.verify import verify
+
+from .conftest import meta_model, tiny_vit, trainable_without_head
+
+# trainable parameters on vit_base_patch16_224, classifier head excluded
+EXPECTED = {
+    "lora": 294_912,             # q and v, r=8: 12 x 2 x (8x768 + 768x8)
+    "adapter": 156_768,          # 12 x (768x8 + 8 + 8x768 + 768)
+    "bitfit": 102_912,           # every bias: 12 x 8,448 + patch embed 768 + final norm 768
+    "ssf": 205_824,              # 12 x 16,896 + patch embed 1,536 + final norm 1,536
+    "ia3": 55_296,               # 12 x (768 k + 768 v + 3,072 MLP hidden)
+    "adaptformer": 1_189_632,    # 12 x (768x64 + 64 + 64x768 + 768)
+    "utuning_parallel_attn": 304_320,
+    "utuning_parallel_mlp": 304_320,
+    "utuning_parallel_block": 304_320,
+    "utuning_sequential_attn": 304_320,
+    "utuning_sequential_block": 304_320,
+}
+
+
+@pytest.fixture(scope="module")
+def vit_b16():
+    return meta_model()
+
+
+@pytest.mark.parametrize("name, expected", sorted(EXPECTED.items()))
+def test_trainable_parameters_on_vit_b16(vit_b16, name, expected):
+    tuned = utdsl.compile(name, vit_b16)
+    assert trainable_without_head(tuned) == expected
+    head = sum(p.numel() for n, p in tuned.named_parameters() if n.startswith("head"))
+    assert utdsl.trainable_parameters(tuned) == expected + head  # every library spec trains the head
+
+
+def test_every_library_spec_has_a_header_and_compiles(vit_b16):
+    names = [p.stem for p in library_specs()]
+    assert set(EXPECTED) <= set(names)
+    for path in library_specs():
+        spec = utdsl.load_spec(path)
+        assert spec.name == path.stem, path
+        assert spec.description, path
+        utdsl.compile(spec, vit_b16)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_identity_at_init_and_only_tuners_train(name):
+    base = tiny_vit()
+    tuned = utdsl.compile(name, base)
+    torch.manual_seed(3)
+    report = verify(base, tuned, torch.randn(2, 3, 32, 32))
+    assert report.identity_expected
+    assert report.max_abs_diff == 0.0
+    assert report.ok, report.lines()

@@ -1,0 +1,114 @@
+"""Tuner checkpoints: only what trains, as safetensors, written atomically.
+
+The metadata holds the spec text, the model name, the utdsl version and a signature of the plan
+(site, placement, tuner of each insertion); loading into another model or spec is a
+:class:`CheckpointError` that says which, never silent garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import CheckpointError
+from .verify import compiled_info
+
+__all__ = ["save_tuners", "load_tuners", "read_metadata", "atomic_save_safetensors", "FORMAT"]
+
+FORMAT = "utdsl-tuners/1"
+
+
+def plan_signature(model: nn.Module) -> str:
+    info = compiled_info(model)
+    return json.dumps([[i.site + (str(i.chunks) if i.chunks else ""), i.placement, i.tuner]
+                       for i in info.plan.insertions])
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                            metadata: dict[str, str]) -> None:
+    """Write ``tensors`` to ``path`` through a temporary file in the same folder and ``os.replace``,
+    so a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tuners(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Save every parameter of ``model`` that requires grad (tuners and ``train``ed base
+    parameters) with the spec and model in the metadata. Returns the path written."""
+    from . import __version__
+
+    info = compiled_info(model)
+    tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    meta = {
+        "format": FORMAT,
+        "utdsl_version": __version__,
+        "spec": info.spec.source.text,
+        "spec_path": info.spec.source.path,
+        "spec_name": info.spec.name or "",
+        "model": info.model_name,
+        "plan": plan_signature(model),
+        **(metadata or {}),
+    }
+    atomic_save_safetensors(tensors, path, meta)
+    return Path(path)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a tuner checkpoint (CheckpointError if missing or not one)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"'{path}' is not a safetensors file: {error}") from error
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"'{path}' is not a utdsl tuner checkpoint (no '{FORMAT}' format tag)")
+    return meta
+
+
+def load_tuners(model: nn.Module, path: str | os.PathLike, *, strict_model: bool = True) -> dict[str, str]:
+    """Load a checkpoint written by :func:`save_tuners` into a compiled ``model``; return its
+    metadata. The model name, the plan and every key and shape must match."""
+    meta = read_metadata(path)
+    info = compiled_info(model)
+    if strict_model and meta.get("model") != info.model_name:
+        raise CheckpointError(f"checkpoint '{path}' was trained on model '{meta.get('model')}', "
+                              f"this model is '{info.model_name}'")
+    if meta.get("plan") != plan_signature(model):
+        raise CheckpointError(f"checkpoint '{path}' was written for another spec "
+                              f"('{meta.get('spec_name') or meta.get('spec_path')}'): its tuners sit elsewhere",
+                              hint="compile the spec stored in the checkpoint (utdsl eval does this)")
+    tensors = load_file(str(path))
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint '{path}' does not fit this model: "
+                              f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                              f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise CheckpointError(f"checkpoint '{path}': '{name}' has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(params[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    return meta

@@ -1,0 +1,167 @@
+"""``utdsl train``, ``utdsl eval`` and ``utdsl plot``: thin commands over :mod:`utdsl.runtime`.
+
+``train`` also runs under ``torchrun --nproc-per-node N -m utdsl train ...`` (DDP: nccl on GPU,
+gloo on CPU); rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+__all__ = ["register"]
+
+def _default_out(spec_name: str, model: str, data: str) -> Path:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{spec_name}-{model}-{data}")
+    path, n = Path("runs") / stem, 1
+    while (path / "config.json").exists():
+        n += 1
+        path = Path("runs") / f"{stem}-{n}"
+    return path
+
+
+def _literal(text: str):
+    """A JSON value (``6``, ``0.1``, ``true``, ``[1, 2]``) or else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def train_cmd(
+    spec: Optional[str] = typer.Argument(None, help="Spec file or library name (omit with --resume)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Backbone: alias or timm name [vit_b16]."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data set, e.g. digits, fgvc:cub [digits]."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Directory of the data set."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe name or .toml/.json file [default]."),
+    override: list[str] = typer.Option([], "--override", "-o", help="Recipe field: -o lr=0.01 (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Spec let binding: --set r=16 (repeatable)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Recipe lr."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Recipe epochs."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Recipe batch_size (per process)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Recipe seed."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Recipe weight_decay."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="Recipe optimizer: adamw or sgd."),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Recipe warmup_epochs."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Recipe grad_accum."),
+    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Recipe label_smoothing."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Recipe precision: auto, fp32, bf16."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Recipe input_size."),
+    model_arg: list[str] = typer.Option([], "--model-arg", help="timm.create_model argument: --model-arg depth=6."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Backbone weights file."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Download timm's pretrained weights."),
+    out: Optional[Path] = typer.Option(None, "--out", "-O", help="Run directory [runs/SPEC-MODEL-DATA]."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
+    num_workers: int = typer.Option(4, "--num-workers", help="Data loader processes per rank."),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also save resume state every N steps."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bars [on a TTY]."),
+) -> None:
+    """Train SPEC on a backbone and data set; writes a run directory (config, metrics, checkpoints)."""
+    from utdsl.runtime.config import resolve_config
+    from utdsl.runtime.distributed import broadcast_str, init_distributed, shutdown
+    from utdsl.runtime.recipes import RecipeError, load_recipe, parse_assignments
+    from utdsl.runtime.train import train
+
+    values = dict(lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, weight_decay=weight_decay,
+                  optimizer=optimizer, warmup_epochs=warmup_epochs, grad_accum=grad_accum,
+                  label_smoothing=label_smoothing, precision=precision, input_size=input_size)
+    overrides = {**parse_assignments(override), **{k: v for k, v in values.items() if v is not None}}
+    lets = parse_assignments(set_, "--set")
+    model_kwargs = {k: _literal(v) for k, v in parse_assignments(model_arg, "--model-arg").items()}
+    if resume is not None:
+        given = [n for n, v in [("SPEC", spec), ("--model", model), ("--data", data), ("--data-root", data_root),
+                                ("--recipe", recipe), ("--set", lets), ("--model-arg", model_kwargs), ("recipe overrides", overrides),
+                                ("--weights", weights), ("--out", out)] if v]
+        if given:
+            raise RecipeError(f"--resume continues a run with its own configuration; drop {', '.join(given)}")
+    elif spec is None:
+        raise RecipeError("give a SPEC to train, or --resume RUN")
+    ctx = init_distributed(device)
+    try:
+        config, run_dir = None, resume
+        if resume is None:
+            config = resolve_config(spec=spec, model=model or "vit_b16", data=data or "digits",
+                                    data_root=data_root, recipe=load_recipe(recipe or "default", overrides),
+                                    spec_overrides=lets, weights=weights, pretrained=pretrained,
+                                    world_size=ctx.world_size, model_kwargs=model_kwargs)
+            chosen = str(out or _default_out(config.spec_name, config.model, config.data)) if ctx.is_main else ""
+            run_dir = Path(broadcast_str(chosen, ctx))
+        from utdsl.cli import err_console
+
+        echo = (lambda text: err_console.print(f"warning: {text}", markup=False)) if ctx.is_main else (lambda text: None)
+        result = train(config, run_dir, resume=resume is not None, ctx=ctx, num_workers=num_workers,
+                       progress=progress, checkpoint_every=checkpoint_every, echo=echo)
+        if ctx.is_main:
+            from utdsl.cli import console
+
+            state = result.state
+            best = f"{state.best_top1:.2f}% (epoch {state.best_epoch + 1})" if state.best_top1 is not None else "-"
+            last = f"{result.last_eval.top1:.2f}%" if result.last_eval else "-"
+            console.print(f"run [bold]{run_dir}[/]: {state.epoch} epochs, {state.step} steps; "
+                          f"top-1 last {last}, best {best}", highlight=False)
+    finally:
+        shutdown(ctx)
+
+
+def eval_cmd(
+    checkpoint: Path = typer.Argument(..., help="A run directory or a checkpoint written by utdsl train."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data set [the run's]."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Directory of the data set [the run's]."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split [the recipe's eval_split]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size [the recipe's]."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    num_workers: int = typer.Option(4, "--num-workers", help="Data loader processes."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Evaluate a checkpoint (top-1, top-5, loss) on a data set split."""
+    from utdsl.runtime.distributed import init_distributed, shutdown
+    from utdsl.runtime.evaluate import evaluate_checkpoint
+
+    ctx = init_distributed(device)
+    try:
+        result, what = evaluate_checkpoint(checkpoint, data=data, data_root=data_root, split=split,
+                                           batch_size=batch_size, num_workers=num_workers, ctx=ctx)
+    finally:
+        shutdown(ctx)
+    if not ctx.is_main:
+        return
+    from utdsl.cli import console
+
+    if as_json:
+        console.print_json(json.dumps({**what, **result.as_dict()}))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{what['spec']} on {what['model']}: {what['data']} [{what['split']}]")
+    for column in ("samples", "top-1 %", "top-5 %", "loss", "img/s"):
+        table.add_column(column, justify="right")
+    table.add_row(str(result.samples), f"{result.top1:.2f}", f"{result.top5:.2f}", f"{result.loss:.4f}",
+                  f"{result.throughput:.1f}")
+    console.print(table)
+    console.print(f"checkpoint: {what['checkpoint']}", highlight=False)
+
+
+def plot_cmd(
+    run: Path = typer.Argument(..., help="Run directory."),
+    out: Optional[Path] = typer.Option(None, "--out", "-O", help="PNG to write [RUN/curves.png]."),
+) -> None:
+    """Draw a run's loss and accuracy curves to a PNG."""
+    from utdsl.cli import console
+    from utdsl.runtime.plot import plot_run
+
+    console.print(f"wrote {plot_run(run, out)}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``train``, ``eval`` and ``plot`` to ``app`` (once)."""
+    if getattr(app, "_utdsl_run_cmds", False):
+        return
+    app._utdsl_run_cmds = True  # type: ignore[attr-defined]
+    app.command("train")(train_cmd)
+    app.command("eval")(eval_cmd)
+    app.command("plot")(plot_cmd)

@@ -1,0 +1,164 @@
+"""Commands that read specs and models without training: check, inspect, compile, list."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import UtdslError
+from ..selectors import generalize
+from . import console, err_console
+
+__all__ = ["register", "parse_sets"]
+
+SPEC_ARG = typer.Argument(..., help="A .ut file or a library spec name (see `utdsl list`).")
+SET_OPT = typer.Option(None, "--set", "-s", help="Override a `let` binding: --set r=16 (repeatable).")
+MODEL_OPT = typer.Option("vit_b16", "--model", "-m", help="A timm model name or alias (vit_b16, vit_s16, vit_t16).")
+
+
+def parse_sets(values: list[str] | None) -> dict[str, str]:
+    """``["r=16", "alpha=32"]`` -> ``{"r": "16", "alpha": "32"}``; a malformed item is an error."""
+    out: dict[str, str] = {}
+    for item in values or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UtdslError(f"--set expects NAME=VALUE, got '{item}'")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def check_cmd(spec: str = SPEC_ARG, sets: Optional[List[str]] = SET_OPT) -> None:
+    """Check a spec's syntax and arguments without a model."""
+    from ..compiler import load_spec
+
+    checked = load_spec(spec, parse_sets(sets))
+    lets = ", ".join(f"{k}={v!r}" for k, v in checked.bindings.items())
+    console.print(f"ok: {checked.name or spec}: {len(checked.rules)} rules, "
+                  f"{len(checked.param_rules)} train/freeze" + (f"; {lets}" if lets else ""), markup=False, soft_wrap=True)
+
+
+def inspect_cmd(model: str = MODEL_OPT,
+                select: Optional[str] = typer.Option(None, "--select", help="Show only modules a selector matches."),
+                all_paths: bool = typer.Option(False, "--all", help="One row per module instead of per pattern.")) -> None:
+    """List a model's module paths and kinds, to write selectors."""
+    from ..runtime.models import create_model
+
+    net = create_model(model, device="meta")
+    selector = _selector(select) if select else None
+    rows: "OrderedDict[tuple[str, str], list]" = OrderedDict()
+    for path, module in net.named_modules():
+        if not path or (selector is not None and not _matches(selector, path)):
+            continue
+        key = (path if all_paths else generalize(path), type(module).__name__)
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        entry = rows.setdefault(key, [0, own, not any(True for _ in module.children())])
+        entry[0] += 1
+    table = Table(title=f"{model}: {len(rows)} {'modules' if all_paths else 'module patterns'}")
+    for column in ("path", "kind", "count", "own params", "leaf"):
+        table.add_column(column, justify="right" if column in ("count", "own params") else "left")
+    for (path, kind), (count, own, leaf) in rows.items():
+        table.add_row(path, kind, str(count), f"{own:,}", "yes" if leaf else "")
+    console.print(table)
+
+
+def compile_cmd(spec: str = SPEC_ARG, model: str = MODEL_OPT, sets: Optional[List[str]] = SET_OPT,
+                as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+                emit: Optional[str] = typer.Option(None, "--emit", help="'code': print the compiled forward."),
+                num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classifier size."),
+                verify: bool = typer.Option(False, "--verify", help="Build real weights and check identity at init.")) -> None:
+    """Compile a spec into a model and print the plan: sites, tuners, parameters."""
+    from ..compiler import compile, load_spec
+    from ..runtime.models import create_model
+    from ..verify import verify as run_verify
+
+    checked = load_spec(spec, parse_sets(sets))
+    if emit not in (None, "code"):
+        raise UtdslError(f"--emit takes 'code', got '{emit}'")
+    net = create_model(model, num_classes=num_classes, device=None if verify else "meta").eval()
+    tuned = compile(checked, net, model_name=model)
+    the_plan = tuned.meta["utdsl"].plan
+    for warning in the_plan.warnings:
+        err_console.print(warning.render(), markup=False, highlight=False, soft_wrap=True)
+    if as_json:
+        console.print_json(the_plan.to_json())
+    else:
+        console.print(plan_table(the_plan, f"{checked.name or spec} on {model}"))
+        console.print(plan_summary(the_plan), markup=False, soft_wrap=True)
+    if emit == "code":
+        console.print(tuned.code, markup=False, highlight=False)
+    if verify:
+        from ..compiler import default_example_input
+
+        report = run_verify(net, tuned, default_example_input(net, batch=1))
+        for line in report.lines():
+            console.print(line, markup=False, soft_wrap=True)
+        if not report.ok:
+            raise UtdslError("verification failed: " + "; ".join(report.lines()))
+
+
+def plan_table(the_plan, title: str) -> Table:
+    """The plan as a table, one row per (site pattern, placement, tuner, sizes)."""
+    rows: "OrderedDict[tuple, list[int]]" = OrderedDict()
+    for ins in the_plan.insertions:
+        site = generalize(ins.site) + (str(ins.chunks) if ins.chunks else "")
+        key = (site, ins.placement, ins.tuner, f"{ins.info.in_features}→{ins.info.out_features}", ins.params)
+        rows.setdefault(key, [0])[0] += 1
+    table = Table(title=title)
+    for column in ("site", "placement", "tuner", "in→out", "sites", "params"):
+        table.add_column(column, justify="right" if column in ("sites", "params") else "left")
+    for (site, placement, tuner, dims, params), (count,) in rows.items():
+        table.add_row(site, placement, tuner, dims, str(count), f"{params * count:,}")
+    return table
+
+
+def plan_summary(the_plan) -> str:
+    total = the_plan.base_params + the_plan.tuner_params
+    return (f"tuner params {the_plan.tuner_params:,} + trained base params {the_plan.trained_params:,} "
+            f"= trainable {the_plan.trainable_params:,} of {total:,} "
+            f"({100.0 * the_plan.trainable_params / max(total, 1):.3f}%)")
+
+
+def list_cmd(model: str = typer.Option("vit_b16", "--model", "-m", help="Model to count parameters on.")) -> None:
+    """Every spec of the method library, its description and its trainable parameters."""
+    from ..compiler import compile, load_spec
+    from ..library import library_specs
+    from ..runtime.models import create_model
+
+    net = create_model(model, device="meta")
+    head = {name for name, _ in net.named_parameters() if name.startswith("head")}
+    table = Table(title=f"method library (trainable params on {model}, head excluded)")
+    for column in ("spec", "description", "params"):
+        table.add_column(column, justify="right" if column == "params" else "left")
+    for path in library_specs():
+        checked = load_spec(path)
+        try:
+            tuned = compile(checked, net, model_name=model)
+            params = sum(p.numel() for n, p in tuned.named_parameters() if p.requires_grad and n not in head)
+            count = f"{params:,}"
+        except UtdslError as error:
+            count = f"n/a ({error.diagnostics[0].message[:40]})"
+        table.add_row(path.stem, checked.description, count)
+    console.print(table)
+
+
+def _selector(text: str):
+    from ..parse import parse
+
+    spec = parse(f"train {text}")
+    return spec.param_rules[0].selector
+
+
+def _matches(selector, path: str) -> bool:
+    from ..selectors import matches
+
+    return matches(selector, path)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("check")(check_cmd)
+    app.command("inspect")(inspect_cmd)
+    app.command("compile")(compile_cmd)
+    app.command("list")(list_cmd)

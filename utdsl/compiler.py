@@ -1,0 +1,141 @@
+"""``utdsl.compile``: the stages chained, spec + model -> tuned ``torch.fx.GraphModule``.
+
+    text --parse--> Spec --check--> Spec --resolve(model)--> Bindings
+         --plan(shapes)--> Plan --rewrite--> GraphModule --(verify)--> Report
+
+The model is traced in train mode and in eval mode (fx bakes ``self.training`` branches such as
+DropPath in at trace time); the plan is made on the eval graph and rewritten into each distinct
+graph with the same tuner instances, and the result is a :class:`~utdsl.modes.ModalGraphModule`
+whose ``train()``/``eval()`` select the graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import prefixing, prompting  # noqa: F401  (registers the prompt and prefix placements)
+from .errors import ModelError
+from .modes import ModalGraphModule, trace_modes
+from .plan import Plan, plan as make_plan, propagate_shapes
+from .resolve import resolve
+from .rewrite import rewrite
+from .syntax import Spec
+
+__all__ = ["CompiledInfo", "compile", "parse_spec", "load_spec", "model_name_of", "default_example_input"]
+
+
+@dataclass
+class CompiledInfo:
+    """What ``compile`` records on the model (``gm.meta["utdsl"]``)."""
+
+    spec: Spec
+    plan: Plan
+    model_name: str
+    plan_namespace: str
+
+
+def parse_spec(text: str, path: str = "<string>") -> Spec:
+    """Parse spec text into an (unchecked) :class:`Spec`; syntax errors raise SpecError."""
+    from .parse import parse
+
+    return parse(text, path)
+
+
+def load_spec(path: str | os.PathLike, overrides: Mapping[str, str] | None = None) -> Spec:
+    """Read, parse and check a spec file, or a library spec by name (``"lora"``).
+
+    ``overrides`` replace ``let`` bindings (``{"r": "16"}``), as ``--set r=16`` does."""
+    from .check import check
+    from .library import find_spec
+
+    file = find_spec(path)
+    return check(parse_spec(file.read_text(encoding="utf-8"), str(file)), overrides)
+
+
+def model_name_of(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("architecture"):
+        tag = cfg.get("tag")
+        return cfg["architecture"] + (f".{tag}" if tag else "")
+    return type(model).__name__
+
+
+def default_example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
+    """A random batch shaped as the model's configured input, on the model's device."""
+    from .runtime.models import default_input_size
+
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    return torch.randn(batch, *default_input_size(model), device=device)
+
+
+def _namespace(model: nn.Module) -> str:
+    name = "tuners"
+    while hasattr(model, name):
+        name = "utdsl_" + name
+    return name
+
+
+def compile(spec: Spec | str | os.PathLike, model: nn.Module, example_input: torch.Tensor | None = None,
+            *, inplace: bool = False, model_name: str | None = None,
+            overrides: Mapping[str, str] | None = None) -> ModalGraphModule:
+    """Compile ``spec`` into ``model`` and return the tuned ``GraphModule``.
+
+    ``spec`` is a checked or parsed :class:`Spec`, spec text, a path or a library name. The base
+    model is copied first unless ``inplace``; base parameters keep their names and are frozen
+    except those the spec ``train``s; tuners train. ``example_input`` (default: a random batch of
+    the model's configured input size) only sizes the tuners: no real forward runs. The result
+    starts in ``model``'s mode and behaves as ``model`` does in each mode (dropout, DropPath).
+    """
+    spec = _as_checked_spec(spec, overrides)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    base = model if inplace else copy.deepcopy(model)
+    bindings = resolve(spec, base)
+    gm = trace_modes(base)
+    namespace = _namespace(base)
+    example = example_input if example_input is not None else default_example_input(base)
+    gm.select_graph(False)
+    planned = gm.graph
+    the_plan = make_plan(bindings, gm, example, namespace)
+    for graph in gm.each_graph():
+        if graph is not planned:
+            propagate_shapes(gm, example)
+        rewrite(gm, the_plan)
+    trained = set(the_plan.trained)
+    for name, p in gm.named_parameters():
+        p.requires_grad_(name.startswith(namespace + ".") or name in trained)
+    gm.meta["utdsl"] = CompiledInfo(spec, the_plan, model_name or model_name_of(model), namespace)
+    gm.train(model.training)
+    return gm
+
+
+def _as_checked_spec(spec, overrides) -> Spec:
+    from .library import is_spec_reference
+
+    if isinstance(spec, Spec) and _is_checked(spec) and not overrides:
+        return spec
+    from .check import check
+
+    if isinstance(spec, Spec):
+        return check(spec, overrides)
+    if isinstance(spec, os.PathLike) or is_spec_reference(spec):
+        return load_spec(spec, overrides)
+    return check(parse_spec(str(spec)), overrides)
+
+
+def _is_checked(spec: Spec) -> bool:
+    from .syntax import Rule, Train, Freeze
+
+    return all(isinstance(s, (Rule, Train, Freeze)) for s in spec.statements) and all(
+        r.args is not None for r in spec.rules)

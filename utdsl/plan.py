@@ -1,0 +1,210 @@
+"""Stage ``plan``: bindings + the traced graph's shapes -> :class:`Plan`, a printable list of
+insertions. Tuner sizes come from fx shape propagation (on meta tensors or fake tensors, so no
+real forward runs); nothing is inserted yet.
+
+Invariants: one :class:`Insertion` per (rule, site), in the order ``rewrite`` applies them; every
+insertion's sizes are final; a site that is never called, or whose boundary does not fit the
+placement, is an error pointing at its rule.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import tuners
+from .errors import Diagnostic, SpecError, raise_if_any
+from .resolve import Binding, Bindings
+from .syntax import Chunks
+from .trace import Region, region
+from .tuners import SiteInfo, TunerArgs
+
+__all__ = ["Insertion", "Plan", "plan", "propagate_shapes", "channel_axis", "SITE_ANALYZERS"]
+
+
+@dataclass(frozen=True)
+class Insertion:
+    """One tuner to insert: where, how, and with which sizes."""
+
+    site: str
+    placement: str
+    tuner: str
+    args: TunerArgs
+    chunks: Chunks | None
+    info: SiteInfo
+    in_axis: int              # channel axis of the site's input (-1 or 1)
+    out_axis: int             # channel axis of the site's output
+    params: int
+    identity_at_init: bool
+    mergeable: bool
+    rule_line: int
+    module_name: str          # where rewrite registers the tuner in the GraphModule
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "site": self.site + (str(self.chunks) if self.chunks else ""),
+            "placement": self.placement,
+            "tuner": self.tuner,
+            "args": self.args.model_dump(mode="json"),
+            "in": self.info.in_features,
+            "out": self.info.out_features,
+            "params": self.params,
+            "identity_at_init": self.identity_at_init,
+            "mergeable": self.mergeable,
+            "module": self.module_name,
+            "rule_line": self.rule_line,
+        }
+
+
+@dataclass
+class Plan:
+    insertions: list[Insertion]
+    trained: list[str]                   # base parameter names that train
+    trained_params: int                  # their element count
+    base_params: int                     # every parameter of the base model
+    warnings: list[Diagnostic] = field(default_factory=list)
+
+    @property
+    def tuner_params(self) -> int:
+        return sum(i.params for i in self.insertions)
+
+    @property
+    def trainable_params(self) -> int:
+        return self.tuner_params + self.trained_params
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "insertions": [i.describe() for i in self.insertions],
+            "trained": self.trained,
+            "tuner_params": self.tuner_params,
+            "trained_base_params": self.trained_params,
+            "trainable_params": self.trainable_params,
+            "base_params": self.base_params,
+            "trainable_percent": 100.0 * self.trainable_params / max(1, self.base_params + self.tuner_params),
+        }, indent=2)
+
+
+def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+    """Fill ``node.meta['tensor_meta']`` without computing: meta tensors stay meta, real ones are
+    run under a FakeTensorMode."""
+    if example_input.device.type == "meta":
+        ShapeProp(gm).propagate(example_input)
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    ShapeProp(gm, fake_mode=mode).propagate(mode.from_tensor(example_input))
+
+
+def channel_axis(shape: tuple[int, ...], module: torch.nn.Module | None = None) -> int:
+    """Where the channels of a site's value are: last for tokens and channels-last maps, 1 for
+    NCHW maps. 4-d values are told apart by their square spatial size; a conv/batch-norm leaf
+    decides a tie."""
+    if len(shape) != 4:
+        return -1
+    if shape[2] == shape[3] and shape[1] != shape[2]:
+        return 1
+    if shape[1] == shape[2] and shape[3] != shape[2]:
+        return -1
+    channels_first = (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.GroupNorm)
+    return 1 if isinstance(module, channels_first) else -1
+
+
+def plan(bindings: Bindings, gm: fx.GraphModule, example_input: torch.Tensor,
+         tuner_namespace: str = "tuners") -> Plan:
+    """Size every binding's tuner from the shapes of ``gm`` (traced, untouched) on ``example_input``."""
+    propagate_shapes(gm, example_input)
+    modules = dict(gm.named_modules())
+    insertions: list[Insertion] = []
+    diagnostics: list[Diagnostic] = list(bindings.warnings)
+    for binding in bindings.bindings:
+        try:
+            insertions.append(_plan_one(binding, gm, modules, tuner_namespace))
+        except _PlanError as error:
+            diagnostics.append(Diagnostic(f"{binding.path}: {error.message}", binding.rule.span, error.hint))
+    raise_if_any(diagnostics, SpecError)
+    parameters = dict(gm.named_parameters())
+    trained_params = sum(parameters[name].numel() for name in bindings.trained if name in parameters)
+    base_params = sum(p.numel() for p in parameters.values())
+    return Plan(insertions, list(bindings.trained), trained_params, base_params,
+                [d for d in diagnostics if d.severity == "warning"])
+
+
+class _PlanError(Exception):
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+#: placement -> ``analyze(binding, region, module, gm) -> (SiteInfo, in_axis, out_axis)`` for
+#: placements other than parallel/sequential (prompt, prefix); raises ``_PlanError`` on a site that
+#: does not fit. ``module`` is the site's module in ``gm`` (None when traced through).
+SITE_ANALYZERS: dict[str, Any] = {}
+
+
+def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: str) -> Insertion:
+    rule = binding.rule
+    tuner_cls = tuners.get(rule.tuner.name)
+    found = region(gm.graph, binding.path)
+    if found is None:
+        raise _PlanError("this module is never called by the model's forward",
+                         "select a module that the forward pass uses (see `utdsl inspect`)")
+    module = modules.get(binding.path)
+    analyze = SITE_ANALYZERS.get(rule.placement, _analyze_parallel_sequential)
+    info, in_axis, out_axis = analyze(binding, found, module, gm)
+    if rule.selector.chunks is not None:
+        info = _chunk_info(info, rule.selector.chunks, rule.placement)
+    try:
+        with torch.device("meta"):
+            unit = tuner_cls.build(rule.args, info)
+    except (ValueError, TypeError) as error:
+        raise _PlanError(f"cannot build {rule.tuner.name} here: {error}") from error
+    per_unit = sum(p.numel() for p in unit.parameters())
+    units = len(rule.selector.chunks.indices) if rule.selector.chunks else 1
+    return Insertion(
+        site=binding.path, placement=rule.placement, tuner=rule.tuner.name, args=rule.args,
+        chunks=rule.selector.chunks, info=info, in_axis=in_axis, out_axis=out_axis,
+        params=per_unit * units, identity_at_init=tuner_cls.identity_at_init(rule.args),
+        mergeable=rule.placement in tuner_cls.mergeable, rule_line=rule.span.line,
+        module_name=f"{namespace}.{binding.path}.{rule.placement}_{rule.tuner.name}",
+    )
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        raise _PlanError(f"the value '{node.name}' at this site is not a single tensor")
+    return tuple(meta.shape)
+
+
+def _analyze_parallel_sequential(binding: Binding, found: Region, module, gm=None) -> tuple[SiteInfo, int, int]:
+    if len(found.outputs) != 1:
+        raise _PlanError(f"this module's call produces {len(found.outputs)} values used later; "
+                         f"{binding.rule.placement} needs exactly one")
+    out_shape = _shape(found.outputs[0])
+    out_axis = channel_axis(out_shape, module)
+    if binding.rule.placement == "parallel":
+        inputs = found.tensor_inputs
+        if len(inputs) != 1:
+            names = ", ".join(n.name for n in inputs) or "none"
+            raise _PlanError(f"parallel needs exactly one tensor input, this module takes {len(inputs)} ({names})")
+        in_shape = _shape(inputs[0])
+        in_axis = channel_axis(in_shape, module)
+    else:
+        in_shape, in_axis = out_shape, out_axis
+    info = SiteInfo(binding.path, in_shape[in_axis], out_shape[out_axis],
+                    {"in_shape": in_shape, "out_shape": out_shape})
+    return info, in_axis, out_axis
+
+
+def _chunk_info(info: SiteInfo, chunks: Chunks, placement: str) -> SiteInfo:
+    if info.out_features % chunks.count:
+        raise _PlanError(f"{info.out_features} output features do not split into {chunks.count} equal chunks")
+    size = info.out_features // chunks.count
+    in_features = size if placement == "sequential" else info.in_features
+    return SiteInfo(info.path, in_features, size, {**info.extras, "chunk_size": size})
