@@ -235,6 +235,7 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
                 report.skipped[key] = "head of another size: " + why
             else:
                 misfits[key] = f"{key} ({why})"
+                report.skipped[key] = "other shape: " + why
         else:
             chosen[key] = tensor
     if not chosen:
@@ -250,8 +251,8 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
         if lacking:
             parts.append(f"{len(lacking)} parameters are not in the file: " + ", ".join(lacking[:3]))
         raise ModelError(f"'{path}' does not fit {type(model).__name__}: " + "; ".join(parts),
-                         hint="weights of another architecture or size? pass strict=False to load "
-                              "what fits")
+                         hint="weights of another architecture or size? check the model name "
+                              "(load_weights(..., strict=False) loads only what fits)")
     model.load_state_dict(chosen, strict=False)
     report.loaded = [k for k in own if k in chosen]
     return report

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from utdsl import syntax_errors
 from utdsl.errors import SpecError
 from utdsl.parse import parse
 from utdsl.syntax_errors import CATALOG, LATER
@@ -91,6 +92,9 @@ CATALOG_CASES = [
     ('let r = 8 "a"', 1, 11, 'unexpected string "a"'),
     ('let r = (8 9)', 1, 12, "unexpected '9'"),
     ('attn -> parallel lowrank(r=(8 9))', 1, 31, "unexpected '9'"),
+    # a value in parentheses needs its ')'
+    ('let r = (1, 2)', 1, 11, "unexpected ','"),
+    ('attn -> parallel lowrank(r=(1, alpha=2)', 1, 30, "unexpected ','"),
     # 'let' needs a name and '= value', e.g. 'let r = 8'
     ('let = 3', 1, 5, "unexpected '='"),
     ('let r 3', 1, 7, "unexpected '3'"),
@@ -125,6 +129,8 @@ CATALOG_CASES = [
     ('blocks.() -> parallel lowrank', 1, 9, "unexpected ')'"),
     ('blocks.(attn mlp) -> parallel lowrank', 1, 14, "unexpected 'mlp'"),
     ('blocks.(attn, mlp) -> parallel lowrank', 1, 13, "unexpected ','"),
+    ('blocks.(attn | mlp -> parallel lowrank', 1, 20, "unexpected '->'"),
+    ('blocks.(attn | mlp{q}) -> parallel lowrank', 1, 19, "unexpected '{'"),
     # indices look like [3], [0:6], [:2] or [0:2, 5] (non-negative integers)
     ('blocks[] -> parallel lowrank', 1, 8, "unexpected ']'"),
     ('blocks[a] -> parallel lowrank', 1, 8, "unexpected 'a'"),
@@ -169,6 +175,15 @@ CATALOG_CASES = [
     ('train -> parallel lowrank', 1, 7, "unexpected '->'"),
     ('train "head"', 1, 7, 'unexpected string "head"'),
     ('freeze = 1', 1, 8, "unexpected '='"),
+    # after the selector of 'train'/'freeze' the line ends (missing '.' between segments?)
+    ('train head x', 1, 12, "unexpected 'x'"),
+    ('train ** bias', 1, 10, "unexpected 'bias'"),
+    ('train blocks[0:2] **', 1, 19, "unexpected '**'"),
+    ('train blocks.* x', 1, 16, "unexpected 'x'"),
+    ('train blocks.0 x', 1, 16, "unexpected 'x'"),
+    ('train (a | b) x', 1, 15, "unexpected 'x'"),
+    ('freeze head x', 1, 13, "unexpected 'x'"),
+    ('train head "x"', 1, 12, 'unexpected string "x"'),
     # 'train' and 'freeze' take no placement or tuner: 'train SELECTOR'
     ('train head -> parallel lowrank', 1, 12, "unexpected '->'"),
     ('freeze head -> parallel lowrank', 1, 13, "unexpected '->'"),
@@ -212,6 +227,11 @@ DEEPER = [
     ("a.b.c.d..e -> parallel t", 1, 9, "unexpected '.'", "empty selector segment (two dots)"),
     ("x.(a | (b | c.)) -> parallel t", 1, 15, "unexpected ')'", "expected a selector segment after '.'"),
     ("let r = 8 y", 1, 11, "unexpected 'y'", "one statement per line"),
+    # ... and so do mistakes in states no example reaches, by the tokens the state accepts
+    ("let a = -2 * (r 1.5)", 1, 17, "unexpected '1.5'", "expected an operator"),
+    ("freeze blocks[0:2] x.y", 1, 20, "unexpected 'x'", "after the selector of 'train'/'freeze'"),
+    ("a.b. -> parallel t", 1, 6, "unexpected '->'", "expected a selector segment after '.'"),
+    ("x{0, 2 2 of 4} -> parallel t", 1, 8, "unexpected '2'", "chunks look like"),
 ]
 
 OTHER_ERRORS = [
@@ -237,10 +257,10 @@ OTHER_ERRORS = [
     ("let s = 3 $ 4", 1, 11, "unexpected character '$'", "expected one of '*', '+', '-', '/', end of line"),
     ("$", 1, 1, "unexpected character '$'",
      "expected one of 'freeze', 'let', 'spec', 'train', 'use', a name, an integer, '(', '*', '**', '^'"),
-    ("train a\ttab @", 1, 13, "unexpected character '@'", "expected one of"),
+    ("train a.b\t@", 1, 11, "unexpected character '@'", "expected one of '.', '[', '{', '|', end of line"),
     # the end of a line is reported just after its last character, not at a comment after it
     ("a -> parallel   # comment\n", 1, 14, "unexpected end of line", "expected a tuner name"),
-    ("train head\n\n  let r =   # c\n", 3, 9, "unexpected end of line", "missing value after '='"),
+    ("train head\n\n  let r =   # c\n", 3, 10, "unexpected end of line", "missing value after '='"),
     ("a -> parallel", 1, 14, "unexpected end of input", "expected a tuner name"),
     # a keyword where a selector starts is a keyword
     ("train.x -> parallel t", 1, 6, "unexpected '.'", "'train' and 'freeze' take a selector"),
@@ -261,9 +281,18 @@ def test_other_errors(text, line, column, message, hint):
         assert hint in diagnostic.hint
 
 
-def test_fallback_lists_expected_tokens_in_words():
-    _, diagnostic = error_of("a -> parallel t(x=1 =")
-    assert diagnostic.hint == "expected one of ')', '*', '+', ',', '-', '/'"
+@pytest.mark.parametrize("text, hint", [
+    ("a -> parallel t(x=1 =", "expected one of ')', '*', '+', ',', '-', '/'"),
+    ("let = 1", "expected a name"),
+    ("train x{0 of 4 5}", "expected '}'"),
+])
+def test_without_the_catalog_the_hint_lists_the_expected_tokens_in_words(monkeypatch, text, hint):
+    monkeypatch.setattr(syntax_errors, "CATALOG", ())
+    syntax_errors._catalog_index.cache_clear()
+    try:
+        assert error_of(text)[1].hint == hint
+    finally:
+        syntax_errors._catalog_index.cache_clear()
 
 
 def test_rendering_has_location_line_caret_and_hint():

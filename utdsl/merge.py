@@ -5,7 +5,8 @@ Folded: a ``parallel lowrank`` on a linear (W += ΔW on the tuned rows); a ``seq
 right after a linear, conv or layer norm (its output channels scaled and shifted), or else right
 before a linear that is its only user (that linear's input columns scaled, its bias shifted: IA3
 on an activation). Other tuners, and affines with no weight beside them, stay in the graph. The
-input model is not modified.
+input model is not modified. A model with a train and an eval graph has the same tuners removed
+from both.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .joints import FULL, ParallelJoint, SequentialJoint
+from .modes import ModalGraphModule
 from .verify import compiled_info
 
 __all__ = ["merge"]
@@ -30,20 +32,27 @@ def merge(model: fx.GraphModule) -> fx.GraphModule:
     merged = copy.deepcopy(model)
     info = compiled_info(merged)
     mergeable = {i.module_name for i in info.plan.insertions if i.mergeable}
-    for node in list(merged.graph.nodes):
-        if node.op != "call_module" or node.target not in mergeable:
-            continue
-        joint = merged.get_submodule(node.target)
-        if isinstance(joint, ParallelJoint):
-            folded = _fold_lowrank(merged, joint, node)
-        else:
-            folded = _fold_affine_after(merged, joint, node) or _fold_affine_before(merged, joint, node)
-        if folded:
-            node.replace_all_uses_with(node.args[0])
-            merged.graph.erase_node(node)
-            merged.delete_submodule(node.target)
-    merged.graph.lint()
-    merged.recompile()
+    folded: set[str] = set()
+    graphs = merged.each_graph() if isinstance(merged, ModalGraphModule) else [merged.graph]
+    for index, graph in enumerate(graphs):
+        for node in list(graph.nodes):
+            if node.op != "call_module" or node.target not in mergeable:
+                continue
+            if index == 0:  # weights fold once, decided on the first graph; the others follow it
+                joint = merged.get_submodule(node.target)
+                if isinstance(joint, ParallelJoint):
+                    done = _fold_lowrank(merged, joint, node)
+                else:
+                    done = _fold_affine_after(merged, joint, node) or _fold_affine_before(merged, joint, node)
+                if done:
+                    folded.add(node.target)
+            if node.target in folded:
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+        graph.lint()
+        merged.recompile()
+    for target in folded:
+        merged.delete_submodule(target)
     merged.meta["utdsl_merged"] = True
     return merged
 

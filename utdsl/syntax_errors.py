@@ -119,6 +119,10 @@ CATALOG: tuple[tuple[str, tuple[str, ...]], ...] = (
         "let r = (8 9)",
         "attn -> parallel lowrank(r=(8 9))",
     )),
+    ("a value in parentheses needs its ')'", (
+        "let r = (1, 2)",
+        "attn -> parallel lowrank(r=(1, alpha=2)",
+    )),
     ("'let' needs a name and '= value', e.g. 'let r = 8'", (
         "let = 3",
         "let r 3",
@@ -158,6 +162,8 @@ CATALOG: tuple[tuple[str, tuple[str, ...]], ...] = (
         "blocks.() -> parallel lowrank",
         "blocks.(attn mlp) -> parallel lowrank",
         "blocks.(attn, mlp) -> parallel lowrank",
+        "blocks.(attn | mlp -> parallel lowrank",
+        "blocks.(attn | mlp{q}) -> parallel lowrank",
     )),
     ("indices look like [3], [0:6], [:2] or [0:2, 5] (non-negative integers)", (
         "blocks[] -> parallel lowrank",
@@ -209,6 +215,16 @@ CATALOG: tuple[tuple[str, tuple[str, ...]], ...] = (
         "train -> parallel lowrank",
         "train \"head\"",
         "freeze = 1",
+    )),
+    ("after the selector of 'train'/'freeze' the line ends (missing '.' between segments?)", (
+        "train head x",
+        "train ** bias",
+        "train blocks[0:2] **",
+        "train blocks.* x",
+        "train blocks.0 x",
+        "train (a | b) x",
+        "freeze head x",
+        "train head \"x\"",
     )),
     ("'train' and 'freeze' take no placement or tuner: 'train SELECTOR'", (
         "train head -> parallel lowrank",
@@ -331,35 +347,41 @@ def _bracket_hint(text: str, offset: int, line: int, token_type: str) -> str | N
 
 
 @functools.cache
-def _catalog_index(parser: Lark) -> dict[tuple, list[tuple[str, str, str]]]:
-    """(LALR state, acceptable tokens) -> [(token type, token text, hint)] over the catalog."""
-    index: dict[tuple, list[tuple[str, str, str]]] = {}
+def _catalog_index(parser: Lark) -> dict[object, list[tuple[str, str, str]]]:
+    """(state, acceptable tokens) and (acceptable tokens) -> [(token type, token text, hint)]."""
+    index: dict[object, list[tuple[str, str, str]]] = {}
     for label, examples in CATALOG:
         for example in (*examples, *(LATER + example for example in examples)):
             try:
                 parser.parse(example)
             except UnexpectedToken as err:
-                key = (err.state.position, frozenset(err.accepts))
-                index.setdefault(key, []).append((err.token.type, str(err.token), label))
+                accepts = frozenset(err.accepts)
+                for key in ((err.state.position, accepts), accepts):
+                    index.setdefault(key, []).append((err.token.type, str(err.token), label))
             except UnexpectedInput:
                 pass
     return index
 
 
 def _catalog_hint(err: UnexpectedToken, parser: Lark) -> str | None:
-    """The hint of the catalog example that fails like ``err``: in the same LALR state with the
-    same acceptable tokens; of those, the first failing on the same token, else on a token of
-    the same type, else the first.
+    """The hint of the catalog example that fails most like ``err``.
 
-    This is the rule of lark's ``UnexpectedInput.match_examples`` except that the state's stack
-    depth is ignored, so that one example covers a mistake at any nesting depth (an argument, an
-    expression in parentheses). It is also a dictionary lookup instead of a parse per example,
-    and avoids a lark 1.3 bug (``match_examples`` raises TypeError formatting a debug message
-    when an example reaches the same state with other acceptable tokens).
+    Candidates fail in the same LALR state with the same acceptable tokens or, failing that, in
+    any state with the same acceptable tokens (after a number or after a name, say). Of those,
+    the first failing on the same token wins, else the first on a token of the same type, else
+    the first. This is the rule of lark's ``UnexpectedInput.match_examples``, generalized: it
+    ignores the stack depth, so that one example covers a mistake at any nesting depth (an
+    argument, a parenthesized expression), and falls back on the acceptable tokens alone. It is
+    a dictionary lookup, not a parse per example, and avoids a lark 1.3 bug (``match_examples``
+    raises TypeError formatting a debug message when an example reaches the same state with
+    other acceptable tokens).
     """
     if err.state is None or err.interactive_parser is None:
         return None
-    candidates = _catalog_index(parser).get((err.state.position, frozenset(err.accepts)), [])
+    index, accepts = _catalog_index(parser), frozenset(err.accepts)
     token = (err.token.type, str(err.token))
-    ranked = sorted(candidates, key=lambda c: (c[:2] != token, c[0] != token[0]))  # stable
-    return ranked[0][2] if ranked else None
+    for key in ((err.state.position, accepts), accepts):
+        candidates = index.get(key, [])
+        if candidates:
+            return min(candidates, key=lambda c: (c[:2] != token, c[0] != token[0]))[2]  # first of best
+    return None

@@ -4,10 +4,14 @@ Every module is traced *through* (timm's own non-traceable modules and functions
 tuner can sit on any module, leaf or container: the region of module ``p`` is the set of nodes whose
 ``nn_module_stack`` contains ``p``. Its boundary (the values flowing in and out) is where a
 placement attaches.
+
+``forward``'s optional arguments (timm's ``attn_mask=None``, ``is_causal=False``) are traced as
+their defaults: the compiled model is called with its input alone, as a classifier is.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -47,13 +51,26 @@ def trace_graph(model: nn.Module) -> fx.Graph:
     own qualified names."""
     tracer = BackboneTracer()
     try:
-        return tracer.trace(model)
+        return tracer.trace(model, concrete_args=_optional_defaults(model) or None)
     except Exception as error:  # fx raises TraceError, TypeError, RuntimeError... from user code
         raise ModelError(
             f"{type(model).__name__} cannot be traced by torch.fx: {type(error).__name__}: {error}",
             hint="control flow on tensor values is not traceable; register such a function with "
                  "timm.layers.register_notrace_function or the module with register_notrace_module",
         ) from error
+
+
+def _optional_defaults(model: nn.Module) -> dict[str, object]:
+    """``forward``'s optional arguments after the input with their plain defaults (None, bool,
+    number, string). fx cannot branch on a placeholder (timm's ViT loops over its blocks one by one
+    when ``attn_mask is not None``), so these are traced as their defaults."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return {}
+    plain = (type(None), bool, int, float, str)
+    return {p.name: p.default for p in params
+            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and isinstance(p.default, plain)}
 
 
 def trace(model: nn.Module) -> fx.GraphModule:

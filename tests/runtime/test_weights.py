@@ -227,14 +227,16 @@ def test_no_matching_keys_and_other_architectures(tmp_path):
     message, hint = error_of(load_weights, tiny(), path)
     assert message == (f"'{path}' does not fit VisionTransformer: 48 parameters are not in the file: "
                        "blocks.2.norm1.weight, blocks.2.norm1.bias, blocks.2.attn.qkv.weight")
-    assert hint == "weights of another architecture or size? pass strict=False to load what fits"
+    assert hint == ("weights of another architecture or size? check the model name "
+                    "(load_weights(..., strict=False) loads only what fits)")
     save_file(tiny(mlp_ratio=2).state_dict(), str(path))
     message, _ = error_of(load_weights, tiny(), path)
     assert message == (f"'{path}' does not fit VisionTransformer: 18 tensors have other shapes: "
                        "blocks.0.mlp.fc1.weight (file (128, 64), model (192, 64)), blocks.0.mlp.fc1.bias "
                        "(file (128,), model (192,)), blocks.0.mlp.fc2.weight (file (64, 128), model (64, 192))")
     report = load_weights(tiny(), path, strict=False)
-    assert (len(report.loaded), len(report.missing)) == (62, 18)
+    assert (len(report.loaded), len(report.missing), len(report.skipped)) == (62, 18, 18)
+    assert report.skipped["blocks.5.mlp.fc2.weight"] == "other shape: file (64, 128), model (64, 192)"
 
 
 def test_meta_model_cannot_load(tmp_path, source):

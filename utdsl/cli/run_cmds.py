@@ -93,7 +93,8 @@ def train_cmd(
             run_dir = Path(broadcast_str(chosen, ctx))
         from utdsl.cli import err_console
 
-        echo = (lambda text: err_console.print(f"warning: {text}", markup=False)) if ctx.is_main else (lambda text: None)
+        echo = ((lambda text: err_console.print(f"warning: {text}", markup=False, soft_wrap=True))
+                if ctx.is_main else (lambda text: None))
         result = train(config, run_dir, resume=resume is not None, ctx=ctx, num_workers=num_workers,
                        progress=progress, checkpoint_every=checkpoint_every, echo=echo)
         if ctx.is_main:
