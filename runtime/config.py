@@ -94,6 +94,9 @@ def model_kwargs(config: RunConfig) -> dict[str, Any]:
 
 def build_model(config: RunConfig, spec=None, *, echo=None) -> nn.Module:
     """Create the backbone with ``num_classes`` outputs (and its weights) and compile the spec.
+
+    The global torch generator is seeded with the recipe's seed first: the new head, the tuners and
+    (without weights) the whole backbone are initialised the same way by ``train`` and ``eval``.
     ``echo`` receives the warning for a random backbone (default: ``warnings.warn``)."""
     import utdsl
     from .models import create_model
@@ -104,6 +107,7 @@ def build_model(config: RunConfig, spec=None, *, echo=None) -> nn.Module:
         kwargs["weights"] = config.weights
     if config.pretrained:
         kwargs["pretrained"] = True
+    torch.manual_seed(config.recipe.seed)
     base = create_model(config.model, **kwargs)
     warn_if_random(base, echo)
     size = config.recipe.input_size

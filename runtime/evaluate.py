@@ -99,7 +99,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: str | None = None, data
     split = split or config.recipe.eval_split
     ctx = ctx or DistContext(device=_pick_device(device, 0))
     dataset = run_config.build_data(config, split, train=False)
-    model = run_config.build_model(config, run_config.spec_of(config))
+    model = run_config.build_model(config, run_config.spec_of(config), echo=lambda text: None)
     import utdsl
 
     utdsl.load_tuners(model, path)

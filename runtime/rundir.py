@@ -63,7 +63,8 @@ def _write_text(path: Path, text: str) -> None:
 
 @dataclass
 class TrainState:
-    """Where the loop stands; ``batch`` counts batches of ``epoch`` already trained on."""
+    """Where the loop stands; ``batch`` counts batches of ``epoch`` already trained on. The sums
+    (loss and samples of the epoch so far and since the last metrics line) are over all ranks."""
 
     epoch: int = 0
     batch: int = 0
@@ -72,6 +73,8 @@ class TrainState:
     best_epoch: int | None = None
     epoch_loss_sum: float = 0.0
     epoch_samples: int = 0
+    log_loss_sum: float = 0.0
+    log_samples: int = 0
     schedule: dict[str, Any] = field(default_factory=dict)
 
 

@@ -16,6 +16,7 @@ the same weights as an uninterrupted run (on CPU; on CUDA as far as its kernels 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from utdsl.errors import CheckpointError
+from utdsl.errors import CheckpointError, DataError
 
 from .config import RunConfig, build_data, build_model, checkpoint_metadata
 from .distributed import DistContext, EpochSampler, SeededDataset, all_reduce_sum, barrier, mix_seed
@@ -91,6 +92,8 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, recipe: 
     checkpoints, with ``run.epoch``/``run.step``/``run.top1`` added.
     """
     ctx = ctx or DistContext()
+    if len(train_set) == 0:  # type: ignore[arg-type]
+        raise DataError("the training split is empty")
     model.to(ctx.device)
     optimizer = build_optimizer(model, recipe)
     n_batches = _batches(len(train_set), recipe, ctx)
@@ -109,9 +112,18 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, recipe: 
     net = _wrap(model, ctx)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     last_eval: EvalResult | None = None
+    if not ctx.is_main:  # the saved sums are totals over ranks: rank 0 carries them on
+        state.epoch_loss_sum, state.epoch_samples, state.log_loss_sum, state.log_samples = 0.0, 0, 0.0, 0
     loss_sum = torch.tensor(state.epoch_loss_sum, dtype=torch.float64, device=ctx.device)
-    log_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    log_samples, log_time = 0, time.perf_counter()
+    log_loss = torch.tensor(state.log_loss_sum, dtype=torch.float64, device=ctx.device)
+    log_samples, log_time = state.log_samples, time.perf_counter()
+
+    def save_state() -> None:  # collective: every rank calls it at the same step
+        sums = all_reduce_sum([loss_sum.item(), state.epoch_samples, log_loss.item(), log_samples], ctx)
+        if ctx.is_main:
+            run.save_state(model, optimizer, dataclasses.replace(
+                state, epoch_loss_sum=sums[0], epoch_samples=int(sums[1]), log_loss_sum=sums[2],
+                log_samples=int(sums[3])))
     with _progress(ctx.is_main and progress_enabled(progress)) as bars:
         epochs_bar = bars.add_task("epochs", total=recipe.epochs, completed=state.epoch, info="")
         steps_bar = bars.add_task("steps", total=n_batches, completed=state.batch, info="")
@@ -122,7 +134,7 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, recipe: 
             loader = DataLoader(SeededDataset(train_set, recipe.seed), batch_size=recipe.batch_size,
                                 sampler=sampler, num_workers=num_workers,
                                 pin_memory=ctx.device.type == "cuda")
-            epoch_start, epoch_samples0 = time.perf_counter(), state.epoch_samples
+            epoch_start, seen = time.perf_counter(), 0
             net.train()
             for images, targets in loader:
                 index = state.batch
@@ -143,6 +155,7 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, recipe: 
                 log_loss += batch_loss
                 state.epoch_samples += len(targets)
                 log_samples += len(targets)
+                seen += len(targets)
                 state.batch += 1
                 bars.advance(steps_bar)
                 if not syncs:
@@ -166,22 +179,21 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, recipe: 
                     log_loss.zero_()
                     log_samples, log_time = 0, now
                 if checkpoint_every and state.step % checkpoint_every == 0 and state.batch < n_batches:
-                    state.epoch_loss_sum = loss_sum.item()
-                    if ctx.is_main:
-                        run.save_state(model, optimizer, state)
+                    save_state()
                 if stop_after_steps is not None and state.step >= stop_after_steps:
                     return FitResult(state, last_eval, stopped=True)
-            total_loss, samples, elapsed = all_reduce_sum(
-                [loss_sum.item(), state.epoch_samples, time.perf_counter() - epoch_start], ctx)
+            total_loss, samples, seen_all, elapsed = all_reduce_sum(
+                [loss_sum.item(), state.epoch_samples, seen, time.perf_counter() - epoch_start], ctx)
             row: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": state.step,
-                                   "loss": total_loss / max(samples, 1), "lr": lr_at(state.step - 1, recipe, steps_per_epoch),
-                                   "throughput": (samples - epoch_samples0 * ctx.world_size) / max(elapsed / ctx.world_size, 1e-9)}
+                                   "loss": total_loss / max(samples, 1),
+                                   "lr": lr_at(state.step - 1, recipe, steps_per_epoch),
+                                   "throughput": seen_all / max(elapsed / ctx.world_size, 1e-9)}
             if eval_set is not None and ((epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs):
                 last_eval = evaluate(model, eval_set, batch_size=recipe.batch_size, ctx=ctx,
                                      precision=recipe.precision, num_workers=num_workers)
                 row.update(top1=last_eval.top1, top5=last_eval.top5, eval_loss=last_eval.loss,
                            eval_throughput=last_eval.throughput)
-            state.epoch, state.batch, state.epoch_samples, state.epoch_loss_sum = epoch + 1, 0, 0, 0.0
+            state.epoch, state.batch, state.epoch_samples = epoch + 1, 0, 0
             loss_sum.zero_()
             improved = last_eval is not None and "top1" in row and (state.best_top1 is None or last_eval.top1 > state.best_top1)
             if improved:
@@ -193,7 +205,7 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, recipe: 
                 run.save_tuners(model, "last", meta)
                 if improved:
                     run.save_tuners(model, "best", meta)
-                run.save_state(model, optimizer, state)
+            save_state()
             bars.advance(epochs_bar)
             bars.update(epochs_bar, info=f"top1 {row['top1']:.2f}" if "top1" in row else "")
     barrier(ctx)
@@ -226,14 +238,14 @@ def train(config: RunConfig | None, run_dir: str | os.PathLike, *, resume: bool 
             raise CheckpointError(f"run directory '{run.path}' already holds a run",
                                   hint="continue it with --resume, or choose another --out")
         config = config.model_copy(update={"world_size": ctx.world_size})
-        barrier(ctx)  # every rank has checked before rank 0 creates the directory
-        if ctx.is_main:
-            run.write_config(config.model_dump(mode="json"))
     recipe = config.recipe
-    torch.manual_seed(recipe.seed)  # tuner initialisation is part of the run
-    model = build_model(config, echo=echo)
+    model = build_model(config, echo=echo)  # a spec that does not fit the model fails before any file
     train_set = build_data(config, recipe.train_split, train=True)
     eval_set = build_data(config, recipe.eval_split, train=False) if recipe.eval_split else None
+    if not resume:
+        barrier(ctx)  # every rank has checked the directory before rank 0 creates it
+        if ctx.is_main:
+            run.write_config(config.model_dump(mode="json"))
     return fit(model, train_set, eval_set, recipe, run, ctx=ctx, resume=resume, num_workers=num_workers,
                progress=progress, checkpoint_every=checkpoint_every, metadata=checkpoint_metadata(config),
                stop_after_steps=stop_after_steps)

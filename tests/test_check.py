@@ -66,8 +66,8 @@ freeze blocks[0:2].**
     lora, adapter = spec.rules
     assert lora.args == LowRankArgs(r=8, alpha=16.0)
     assert adapter.args == AdapterArgs(dim=8, activation="gelu", scale="learned")
-    assert [(a.name, a.value) for a in lora.tuner.args] == [("r", Literal(8, lora.tuner.args[0].value.span)),
-                                                          ("alpha", Literal(16, lora.tuner.args[1].value.span))]
+    r, alpha = lora.tuner.args
+    assert (r.value, alpha.value) == (Literal(8, r.value.span), Literal(16, alpha.value.span))
     assert lora.origin == "<string>"
     assert spec.bindings == {"r": 8, "alpha": 16}
 
@@ -92,7 +92,8 @@ ERRORS = [
     ("a -> parallel lora(r=8)", [(1, 15, "unknown tuner 'lora'", "did you mean 'lowrank'?")]),
     ("a -> parallel zzz", [(1, 15, "unknown tuner 'zzz'", "tuners: adapter, affine, ")]),
     ("a -> paralel lowrank", [(1, 6, "unknown placement 'paralel'", "did you mean 'parallel'")]),
-    ("a -> zzz lowrank", [(1, 6, "unknown placement 'zzz'", "placements: parallel, sequential, prompt, prefix")]),
+    ("a -> zzz lowrank",
+     [(1, 6, "unknown placement 'zzz'", "placements: parallel, sequential, prompt, prefix")]),
     ("a -> sequential lowrank(r=8)",
      [(1, 6, "tuner 'lowrank' does not accept placement 'sequential'", "'lowrank' accepts: parallel")]),
     ("a -> parallel affine()",
@@ -107,7 +108,8 @@ ERRORS = [
     ("a -> parallel lowrank(init=xavier)",
      [(1, 28, "bad value for 'init': Input should be 'kaiming' or 'gaussian'", None)]),
     ("a -> parallel adapter(scale=big)", [(1, 29, "bad value for 'scale': ", "output scale")]),
-    ("a -> parallel lowrank(r=1, r=2)", [(1, 28, "argument 'r' is given twice", "first given at line 1, column 23")]),
+    ("a -> parallel lowrank(r=1, r=2)",
+     [(1, 28, "argument 'r' is given twice", "first given at line 1, column 23")]),
     ("a -> sequential affine(scale=false, shift=false)",
      [(1, 17, "affine needs scale=true or shift=true", None)]),
     ("a -> parallel lowrank(rank=8, r=-1, dropout=2)",
@@ -157,6 +159,26 @@ def test_errors(text, expected):
         if hint is not None:
             assert hint in diagnostic.hint
         assert diagnostic.span.source.path == "<string>"
+
+
+def test_missing_required_argument_points_at_the_call(monkeypatch):
+    from pydantic import Field
+
+    from utdsl import tuners
+    from utdsl.tuners.base import Tuner, TunerArgs
+
+    class NeedsDimArgs(TunerArgs):
+        dim: int = Field(gt=0)
+
+    class NeedsDim(Tuner):
+        name, Args, placements = "needsdim", NeedsDimArgs, frozenset({"parallel"})
+
+    monkeypatch.setitem(tuners.REGISTRY, "needsdim", NeedsDim)
+    (diagnostic,) = errors("train x\na -> parallel needsdim(\n  )")
+    assert (diagnostic.line, diagnostic.column, diagnostic.message) == (
+        2, 15, "tuner 'needsdim' needs the argument 'dim'")
+    assert (diagnostic.span.end_line, diagnostic.span.end_column) == (3, 4)
+    assert checked("a -> parallel needsdim(dim=3)").rules[0].args == NeedsDimArgs(dim=3)
 
 
 def test_error_rendering_points_at_the_value():

@@ -59,3 +59,26 @@ def test_identity_at_init_and_only_tuners_train(name):
     assert report.identity_expected
     assert report.max_abs_diff == 0.0
     assert report.ok, report.lines()
+
+
+# token-level methods: not the identity at init (prompts and prefixes enter every attention)
+TOKEN_LEVEL = {
+    "vpt_shallow": 38_400,               # 768 x 50 prompts at the input of the block stack
+    "vpt_deep": 92_160,                  # 12 x 768 x 10 prompts, one set per block
+    "prefix": 184_320,                   # 12 x 2 x 10 x 768 keys and values
+    "mam": 10_005_504,                   # 12 x 2 x 30 x 768 + 12 x (768x512 + 512 + 512x768 + 768)
+    "utuning_prefix_adapter": 488_640,   # prefix 184,320 + parallel adapter 16 on the MLP 304,320
+}
+
+
+def test_list_shows_every_spec_with_its_description_and_parameters(capsys):
+    from utdsl.cli import main
+
+    main(["list"])
+    out = capsys.readouterr().out
+    assert "n/a" not in out
+    for path in library_specs():
+        assert path.stem in out, path.stem
+    for name, expected in TOKEN_LEVEL.items():
+        row = next(line for line in out.splitlines() if line.startswith(f"│ {name} "))
+        assert row.rstrip(" │").endswith(f"{expected:,}"), row

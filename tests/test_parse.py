@@ -9,9 +9,7 @@ import pytest
 
 from utdsl.errors import Span
 from utdsl.parse import parse, parser
-from utdsl.syntax import (Arg, BinOp, Chunks, Freeze, GlobStar, Group, Header, IndexRange, Let,
-                          Literal, Name, Neg, Path, Ref, Rule, Selector, Spec, Star, Train,
-                          TunerCall, Use)
+from utdsl.syntax import Freeze, Header, Let, Rule, Train, Use
 
 
 def shape(node):

@@ -114,20 +114,18 @@ def _manual(softmax: fx.Node, modules: dict[str, nn.Module]) -> AttentionCall | 
 
 
 def _heads(values) -> tuple[int, int]:
-    shape = tuple(getattr((values.meta if isinstance(values, fx.Node) else {}).get("tensor_meta"), "shape", ()))
-    if len(shape) != 4:
-        return 0, 0          # the placement reports it: only (B, H, S, D) values are supported
-    return shape[1], shape[3]
+    """(H, D) of values shaped (B, H, S, D); (0, 0) otherwise, which the placement reports."""
+    shape = _shape(values) if isinstance(values, fx.Node) else None
+    return (shape[1], shape[3]) if shape is not None and len(shape) == 4 else (0, 0)
 
 
 def _is_softmax(node: fx.Node) -> bool:
-    if node.op == "call_method" and node.target == "softmax":
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    elif node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS:
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    else:
+    """A softmax over the last axis."""
+    if not ((node.op == "call_method" and node.target == "softmax")
+            or (node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS)):
         return False
-    return dim == -1 or (dim == _ndim(node) - 1 and dim > 0)
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return dim == -1 or (isinstance(dim, int) and dim > 0 and dim == _ndim(node) - 1)
 
 
 def _ndim(node: fx.Node) -> int:

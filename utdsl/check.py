@@ -9,9 +9,8 @@ value is a ``Literal`` holding the evaluated value (so checking a checked spec c
 and ``origin`` is the path of the file the rule was written in.
 
 Semantics:
-- ``let`` binds a name to the value of its expression, evaluated in order. A bare name that is not
-  bound is a string (``activation=gelu``), but inside arithmetic it is an error. ``+ - * /`` take
-  numbers; ``/`` of two integers that divide exactly is an integer.
+- ``let`` binds a name to the value of its expression (:mod:`utdsl.values`), in order. A bare
+  name that is not bound is a string (``activation=gelu``), but inside arithmetic an error.
 - ``use "f"`` looks for ``f`` (then ``f.ut``) next to the using file (the working directory for a
   spec given as text), in ``search_paths``, then in the library (``utdsl.specs``). A used spec sees
   the bindings of its user at the ``use``: a name already bound there keeps its value, so its
@@ -25,7 +24,6 @@ each at the span of the offending text (in the file it is in) with a hint where 
 
 from __future__ import annotations
 
-import operator
 import os
 import re
 from dataclasses import replace
@@ -36,16 +34,15 @@ from typing import Any, Mapping, Sequence
 from pydantic import ValidationError
 
 from . import tuners
+from .library import locate_spec
 from .errors import Diagnostic, Span, SpecError, did_you_mean, raise_if_any
+from .values import BAD, evaluate, parse_override
 from .parse import parse
 from .placements import PLACEMENTS
-from .syntax import (Arg, BinOp, Chunks, Expr, Freeze, Group, Header, Let, Literal, Name, Neg, Ref,
-                     Rule, Selector, Spec, Statement, Train, Use)
+from .syntax import (Arg, Chunks, Freeze, Group, Header, Let, Literal, Name, Rule, Selector, Spec,
+                     Statement, Train, Use)
 
 __all__ = ["check"]
-
-_BAD = object()  # the value of an expression that already has an error: no cascading errors
-_ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
 
 def check(spec: Spec, overrides: Mapping[str, str] | None = None, *,
@@ -56,12 +53,12 @@ def check(spec: Spec, overrides: Mapping[str, str] | None = None, *,
     integer, a float, ``true``/``false``, or else a string. Raises :class:`SpecError` holding every
     problem found.
     """
-    checker = _Checker(overrides or {}, [Path(p) for p in search_paths])
+    checker = _Checker(overrides or {}, search_paths)
     statements, values = checker.file(spec, {}, _stack_of(spec), top=True)
     header = next((s for s in spec.statements if isinstance(s, Header)), None)
     checker.check_overrides()
     raise_if_any(checker.diagnostics, SpecError)
-    bindings = {name: value for name, value in values.items() if value is not _BAD}
+    bindings = {name: value for name, value in values.items() if value is not BAD}
     for name, value in checker.used_values.items():
         bindings.setdefault(name, value)
     return Spec(tuple(statements), spec.source, name=header.name if header else None,
@@ -73,21 +70,15 @@ def _stack_of(spec: Spec) -> tuple[str, ...]:
     return (os.path.realpath(path),) if path != "<string>" and os.path.isfile(path) else ()
 
 
-def _override_value(text: str) -> Any:
-    stripped = text.strip()
-    if re.fullmatch(r"[+-]?[0-9]+", stripped) and len(stripped) < 1000:
-        return int(stripped)
-    if re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", stripped):
-        return float(stripped)
-    return {"true": True, "false": False}.get(stripped, text)
-
-
 class _Checker:
-    def __init__(self, overrides: Mapping[str, str], search_paths: list[Path]):
+    """One run of ``check``: walks the statements of a spec and of the specs it uses, collecting
+    diagnostics instead of raising."""
+
+    def __init__(self, overrides: Mapping[str, str], search_paths: Sequence[str | os.PathLike]):
         self.diagnostics: list[Diagnostic] = []
-        self.overrides = {name: _override_value(value) for name, value in overrides.items()}
+        self.overrides = {name: parse_override(value) for name, value in overrides.items()}
         self.raw_overrides = dict(overrides)
-        self.search_paths = search_paths
+        self.search_paths = [str(p) for p in search_paths]
         self.let_names: list[str] = []          # every let seen, in any file (for hints)
         self.used_values: dict[str, Any] = {}   # bindings of used files (first wins)
 
@@ -98,29 +89,33 @@ class _Checker:
 
     def file(self, spec: Spec, inherited: dict[str, Any], stack: tuple[str, ...], top: bool = False
              ) -> tuple[list[Statement], dict[str, Any]]:
-        """The checked statements of one file and its own bindings (headers: see ``header``)."""
-        scope, own, out, first_header = dict(inherited), {}, [], None
+        """The checked statements of one file and its own bindings. Headers are checked in the
+        ``top`` file only (a used spec's header is ignored)."""
+        scope, own, out = dict(inherited), {}, []
+        headers = [s for s in spec.statements if isinstance(s, Header)]
         for i, statement in enumerate(spec.statements):
-            if isinstance(statement, Header) and top:
-                first_header = self.header(statement, i, first_header)
-            elif isinstance(statement, Let):
-                self.let(statement, scope, own, inherited)
-            elif isinstance(statement, Use):
-                out.extend(self.use(statement, spec, scope, stack))
-            elif isinstance(statement, Rule):
-                out.append(self.rule(statement, scope, spec.source.path))
-            elif isinstance(statement, (Train, Freeze)):
-                self.selector(statement.selector)
-                out.append(statement)
+            try:
+                if isinstance(statement, Header) and top:
+                    self.header(statement, i, headers[0])
+                elif isinstance(statement, Let):
+                    self.let(statement, scope, own, inherited)
+                elif isinstance(statement, Use):
+                    out.extend(self.use(statement, spec, scope, stack))
+                elif isinstance(statement, Rule):
+                    out.append(self.rule(statement, scope, spec.source.path))
+                elif isinstance(statement, (Train, Freeze)):
+                    self.selector(statement.selector)
+                    out.append(statement)
+            except RecursionError:
+                self.error("statement nested too deeply", statement.span)
         return out, {name: scope[name] for name in own}
 
-    def header(self, header: Header, index: int, first: Header | None) -> Header:
-        """Report a header of the checked spec that is not its first statement; the first header."""
-        if first is not None:
-            self.error("'spec' header appears twice", header.span, f"the first one is at line {first.span.line}")
+    def header(self, header: Header, index: int, first: Header) -> None:
+        if header is not first:
+            self.error("'spec' header appears twice", header.span,
+                       f"the first one is at line {first.span.line}")
         elif index:
             self.error("the 'spec' header must be the first statement", header.span)
-        return first or header
 
     def check_overrides(self) -> None:
         for name in self.overrides:
@@ -138,7 +133,7 @@ class _Checker:
                        f"first bound at line {own[let.name].span.line}")
             return
         own[let.name] = let
-        value = self.value(let.value, scope)
+        value = evaluate(let.value, scope, self.error)
         if let.name in inherited:
             return  # the using spec set it first: this let is a default
         scope[let.name] = self.overrides.get(let.name, value)
@@ -167,22 +162,13 @@ class _Checker:
             return []
         statements, values = self.file(used, scope, (*stack, real))
         for name, value in values.items():
-            if value is not _BAD:
+            if value is not BAD:
                 self.used_values.setdefault(name, value)
         return statements
 
     def find(self, name: str, user: str) -> tuple[str | None, list[str]]:
         """The file ``use "name"`` names, and every place looked at."""
-        path = Path(name)
-        names = [path] if path.suffix == ".ut" else [path, path.with_name(path.name + ".ut")]
-        base = Path(user).parent if user != "<string>" else Path(".")
-        dirs = [Path()] if path.is_absolute() else [base, *self.search_paths]
-        candidates = [str(d / n) for d in dirs for n in names]
-        if not path.is_absolute() and len(path.parts) == 1:
-            library = resources.files("utdsl.specs")
-            candidates += [str(library / n.name) for n in names]
-        found = next((c for c in candidates if os.path.isfile(c)), None)
-        return found, candidates
+        return locate_spec(name, os.path.dirname(user) if user != "<string>" else "", self.search_paths)
 
     def rule(self, rule: Rule, scope: dict[str, Any], origin: str) -> Rule:
         self.selector(rule.selector)
@@ -199,15 +185,16 @@ class _Checker:
                        rule.placement_span, f"'{call.name}' accepts: " + ", ".join(sorted(tuner.placements)))
         values, args, seen = {}, [], {}
         for arg in call.args:
-            value = self.value(arg.value, scope)
+            value = evaluate(arg.value, scope, self.error)
             if arg.name in seen:
+                first = seen[arg.name].span
                 self.error(f"argument '{arg.name}' is given twice", _name_span(arg),
-                           f"first given at line {seen[arg.name].span.line}, column {seen[arg.name].span.column}")
+                           f"first given at line {first.line}, column {first.column}")
             seen.setdefault(arg.name, arg)
             values.setdefault(arg.name, value)
-            args.append(replace(arg, value=Literal(value, arg.value.span)) if value is not _BAD else arg)
+            args.append(replace(arg, value=Literal(value, arg.value.span)) if value is not BAD else arg)
         validated = None
-        if tuner is not None and _BAD not in values.values():
+        if tuner is not None and not any(value is BAD for value in values.values()):
             validated = self.validate(tuner, rule, values, seen)
         return replace(rule, tuner=replace(call, args=tuple(args)), args=validated, origin=origin)
 
@@ -222,7 +209,8 @@ class _Checker:
                 problems.setdefault(field, []).append(e)
         fields = tuner.Args.model_fields
         written = list(args)  # report in the order the arguments are written
-        problems = dict(sorted(problems.items(), key=lambda p: written.index(p[0]) if p[0] in args else len(written)))
+        problems = dict(sorted(problems.items(),
+                               key=lambda p: written.index(p[0]) if p[0] in args else len(written)))
         for field, errors in problems.items():
             kinds = {e["type"] for e in errors}
             if field in args and "extra_forbidden" in kinds:
@@ -271,60 +259,12 @@ class _Checker:
             if index < 0:
                 self.error(f"unknown chunk '{label}'", chunks.span, hint)
             elif index in seen:
-                self.error(f"duplicate chunk: '{label}'" + (
-                    " is listed twice" if seen[index] == label else f" and '{seen[index]}' are the same chunk"),
-                    chunks.span)
+                same = "is listed twice" if seen[index] == label else \
+                    f"and '{seen[index]}' are the same chunk"
+                self.error(f"duplicate chunk: '{label}' {same}", chunks.span)
             elif index >= count >= 1:
                 self.error(f"chunk {label} is out of range: {count} chunks are 0 to {count - 1}", chunks.span)
             seen.setdefault(index, label)
-
-    # ---- values -------------------------------------------------------------------------------
-
-    def value(self, expr: Expr, scope: dict[str, Any], whole: bool = True) -> Any:
-        """The value of ``expr``, or _BAD after reporting why. A name that is not bound is a
-        string when it is the ``whole`` value of a let or an argument, an error in arithmetic."""
-        if isinstance(expr, Literal):
-            return expr.value
-        if isinstance(expr, Ref):
-            if expr.name in scope or whole:
-                return scope.get(expr.name, expr.name)
-            self.error(f"'{expr.name}' is not bound", expr.span,
-                       did_you_mean(expr.name, scope) or
-                       "a name in arithmetic must be a 'let' binding defined before it")
-            return _BAD
-        if isinstance(expr, Neg):
-            operand = self.value(expr.operand, scope, whole=False)
-            if operand is _BAD or self.number(operand, "-", expr.operand.span):
-                return _BAD
-            return -operand
-        return self.binop(expr, scope)
-
-    def number(self, value: Any, op: str, span: Span) -> bool:
-        """Report (and return True) unless ``value`` is an int or float."""
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return False
-        kind = {bool: "a boolean", str: "a string"}.get(type(value), type(value).__name__)
-        self.error(f"'{op}' needs numbers, not {kind} ({value!r})", span)
-        return True
-
-    def binop(self, expr: BinOp, scope: dict[str, Any]) -> Any:
-        left, right = self.value(expr.left, scope, False), self.value(expr.right, scope, False)
-        if left is _BAD or right is _BAD:
-            return _BAD
-        bad_left = self.number(left, expr.op, expr.left.span)
-        if bad_left | self.number(right, expr.op, expr.right.span):
-            return _BAD
-        try:
-            if expr.op == "/":
-                if right == 0:
-                    self.error("division by zero", expr.right.span)
-                    return _BAD
-                exact = isinstance(left, int) and isinstance(right, int) and left % right == 0
-                return left // right if exact else left / right
-            return _ARITHMETIC[expr.op](left, right)
-        except OverflowError:
-            self.error("number out of range", expr.span)
-            return _BAD
 
 
 def _name_span(arg: Arg) -> Span:

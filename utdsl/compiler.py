@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from . import prefixing, prompting  # noqa: F401  (registers the prompt and prefix placements)

@@ -1,5 +1,5 @@
-"""The method library: the ``.ut`` files shipped in ``specs/`` (the ``utdsl.specs`` package), found
-by name (``lora`` or ``lora.ut``) as well as by path."""
+"""The method library and spec lookup: the ``.ut`` files shipped in ``specs/`` (the
+``utdsl.specs`` package) are found by name (``lora`` or ``lora.ut``) as well as by path."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 from .errors import SpecError, did_you_mean
 
-__all__ = ["library_dir", "library_specs", "find_spec", "is_spec_reference"]
+__all__ = ["library_dir", "library_specs", "locate_spec", "find_spec", "is_spec_reference"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+(\.ut)?$")
 
@@ -31,20 +32,27 @@ def is_spec_reference(text: str) -> bool:
     return Path(text).is_file() or bool(_NAME.match(text.strip()))
 
 
-def find_spec(reference: str | os.PathLike, relative_to: Path | None = None) -> Path:
-    """The file a spec reference names: a path (absolute, or relative to ``relative_to`` or the
-    working directory) or a library name. SpecError with the closest library names otherwise."""
-    path = Path(reference)
-    candidates = [path] if path.is_absolute() else [
-        *([relative_to / path] if relative_to else []), path]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    name = path.name if path.suffix == ".ut" else path.name + ".ut"
-    in_library = library_dir() / name
-    if path.parent == Path(".") and in_library.is_file():
-        return in_library
+def locate_spec(name: str, relative_to: str = "", search_paths: Sequence[str] = ()) -> tuple[str | None, list[str]]:
+    """The file a spec reference names, and every place looked at, in order: as written and with
+    ``.ut`` added, in ``relative_to`` (the working directory when empty), in ``search_paths``, then,
+    for a bare name, in the library."""
+    names = [name] if name.endswith(".ut") else [name, name + ".ut"]
+    if os.path.isabs(name):
+        candidates = names
+    else:
+        candidates = [os.path.join(d, n) for d in (relative_to, *search_paths) for n in names]
+        if os.path.basename(name) == name:
+            candidates += [str(library_dir() / n) for n in names]
+    found = next((c for c in candidates if name and os.path.isfile(c)), None)
+    return found, candidates
+
+
+def find_spec(reference: str | os.PathLike) -> Path:
+    """The file a spec reference names (see :func:`locate_spec`); SpecError with the closest
+    library names otherwise."""
+    found, searched = locate_spec(str(reference))
+    if found is not None:
+        return Path(found)
     names = [p.stem for p in library_specs()]
-    searched = ", ".join(str(c) for c in candidates) + f", library {library_dir()}"
-    raise SpecError(f"spec '{reference}' not found (searched {searched})",
-                    hint=did_you_mean(path.stem, names) or "library specs: " + ", ".join(names))
+    raise SpecError(f"spec '{reference}' not found (searched {', '.join(searched)})",
+                    hint=did_you_mean(Path(str(reference)).stem, names) or "library specs: " + ", ".join(names))

@@ -9,10 +9,10 @@ about 10 ms on ViT-B/16, and nothing when the mode does not change).
 
 Invariants: both graphs call the same module instances (base modules and tuners), so parameters,
 ``state_dict`` keys and ``gm.meta`` are those of one model; when the two traces are identical
-there is a single graph and no switch ever happens. ``gm.graph`` is the active mode's graph;
-a pass that edits graphs edits each one in turn, through :meth:`ModalGraphModule.each_graph`
-(``compile`` and ``merge`` do). Deep copies keep both graphs; pickling (which fx does through generated code) keeps
-only the active one.
+there is a single graph and no switch ever happens. ``gm.graph`` is the active mode's graph; a
+pass that edits graphs edits each one in turn through :meth:`ModalGraphModule.each_graph`
+(``compile`` and ``merge`` do). Deep copies keep both graphs; pickling, which fx does through the
+generated code, keeps only the active one.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from importlib import resources
 from typing import Iterator
 
 from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedInput
+from lark.exceptions import UnexpectedInput, VisitError
 
 from . import syntax as ast
 from .errors import Diagnostic, Source, Span, SpecError
@@ -28,7 +28,7 @@ from .syntax_errors import diagnose
 
 __all__ = ["parse", "parser"]
 
-_OPEN = {"LPAR": ")", "LSQB": "]", "LBRACE": "}"}
+_OPEN = {"LPAR", "LSQB", "LBRACE"}
 _CLOSE = {"RPAR", "RSQB", "RBRACE"}
 
 
@@ -73,10 +73,17 @@ def parse(text: str, path: str = "<string>") -> ast.Spec:
         tree = parser().parse(text)
     except UnexpectedInput as err:
         raise SpecError(diagnostics=[diagnose(err, source, parser())]) from None
-    build = _Build(source)
-    statements = build.transform(tree)
+    build, statements = _Build(source), []
+    for statement in tree.children:
+        try:
+            statements.append(build.transform(statement))
+        except (RecursionError, VisitError) as err:  # lark wraps what a callback raises
+            if isinstance(err, VisitError) and not isinstance(err.orig_exc, RecursionError):
+                raise
+            build.problems.append(Diagnostic("statement nested too deeply", build._span(statement.meta)))
     if build.problems:
         raise SpecError(diagnostics=build.problems)
+    statements = tuple(statements)
     header = next((s for s in statements if isinstance(s, ast.Header)), None)
     return ast.Spec(statements, source, name=header.name if header else None,
                     description=header.description if header else "")
@@ -99,8 +106,9 @@ def _unescape(raw: str) -> str:
 
 @v_args(meta=True)
 class _Build(Transformer):
-    """Builds AST nodes from the parse tree. Never raises (lark would wrap it in VisitError):
-    a problem found while building (an integer too long to convert) goes to ``problems``."""
+    """Builds AST nodes from the parse tree. Raises nothing itself (lark would wrap it in a
+    VisitError): a problem found while building (an integer too long to convert) goes to
+    ``problems``. Only Python's recursion limit can stop it, on absurdly deep nesting."""
 
     def __init__(self, source: Source):
         super().__init__()
@@ -117,10 +125,7 @@ class _Build(Transformer):
             self.problems.append(Diagnostic("integer literal is too long", self._span(token)))
             return 0
 
-    # statements
-    def start(self, meta, children):
-        return tuple(children)
-
+    # statements (``parse`` transforms them one by one)
     def header(self, meta, children):
         name, description = children[0], children[1] if len(children) > 1 else None
         return ast.Header(str(name), _unescape(description) if description else "", self._span(meta))

@@ -38,7 +38,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     stub_checkpoints(_Patch())
     ctx = init_distributed("cpu")
     assert (ctx.rank, ctx.world_size, ctx.backend) == (rank, WORLD, "gloo")
-    recipe = fast_recipe(epochs=2, grad_accum=2, batch_size=4)
+    recipe = fast_recipe(epochs=2, grad_accum=2, batch_size=4, log_every=5)
     train, test = blobs(44), blobs(15, seed=0)  # 44 = 2 x 22: 6 batches of 4 a rank (last short)
     report = {}
     try:
@@ -77,5 +77,35 @@ def test_two_gloo_ranks_hold_identical_tuners(tmp_path):
             assert torch.equal(tensor, other[key]), key
     run = RunDir(tmp_path / "whole")
     assert [r["epoch"] for r in run.read_metrics() if r["kind"] == "epoch"] == [0, 1]
+
+    def timeless(rows):
+        return [{k: v for k, v in r.items() if "throughput" not in k} for r in rows]
+
+    # the step-5 line spans the mid-epoch state of step 4: its loss sums both ranks across the resume
+    assert [r["step"] for r in run.read_metrics() if r["kind"] == "step"] == [5]
+    assert timeless(RunDir(tmp_path / "part").read_metrics()) == timeless(run.read_metrics())
     assert load_file(str(run.checkpoint("last"))).keys() == start.keys()
     assert not list(tmp_path.glob("**/*.tmp"))
+
+
+@pytest.mark.slow
+def test_torchrun_cli_trains_and_resumes(tmp_path):
+    """``torchrun --nproc-per-node 2 -m utdsl train`` on CPU (gloo), then a resume under torchrun."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(_free_port()), "-m", "utdsl"]
+    micro = ["--model", "vit_tiny_patch16_224", "--model-arg", "depth=1", "--model-arg", "embed_dim=32",
+             "--model-arg", "num_heads=2", "--model-arg", "patch_size=8", "--input-size", "16",
+             "--num-workers", "0", "--no-progress", "--device", "cpu"]
+    done = subprocess.run([*torchrun, "train", "lora", *micro, "--epochs", "1", "--batch-size", "64",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "1 epochs, 10 steps" in done.stdout and done.stdout.count("run ") == 1  # rank 0 alone prints
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2
+    done = subprocess.run([*torchrun, "train", "--resume", str(out), "--num-workers", "0", "--no-progress",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr

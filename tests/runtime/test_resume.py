@@ -33,7 +33,7 @@ def _optimizer_state(run: RunDir):
     ("adamw", 2, 2, 9),   # killed one step after a mid-epoch save: that step is done again
 ])
 def test_resume_is_bitwise_exact(tmp_path, optimizer, accum, every, stop):
-    recipe = fast_recipe(optimizer=optimizer, grad_accum=accum, epochs=3)
+    recipe = fast_recipe(optimizer=optimizer, grad_accum=accum, epochs=3, log_every=3)
     train, test = blobs(48), blobs(24, seed=0)
 
     whole = tiny_model()

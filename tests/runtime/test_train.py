@@ -184,3 +184,12 @@ def test_recipe_overrides_are_converted_and_checked(tmp_path):
     assert parse_assignments(["lr=0.1", " epochs = 3"]) == {"lr": "0.1", "epochs": "3"}
     with pytest.raises(RecipeError, match="name=value"):
         parse_assignments(["lr"])
+
+
+def test_progress_bars_on_request_and_off_in_ci(tmp_path, monkeypatch, capsys):
+    from utdsl.runtime.train import progress_enabled
+
+    monkeypatch.setenv("CI", "1")
+    assert progress_enabled() is False and progress_enabled(True) is True
+    fit(tiny_model(), blobs(16), None, fast_recipe(epochs=1), RunDir(tmp_path), progress=True)
+    assert "epoch 1" in capsys.readouterr().err

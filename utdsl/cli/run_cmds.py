@@ -74,9 +74,10 @@ def train_cmd(
     lets = parse_assignments(set_, "--set")
     model_kwargs = {k: _literal(v) for k, v in parse_assignments(model_arg, "--model-arg").items()}
     if resume is not None:
-        given = [n for n, v in [("SPEC", spec), ("--model", model), ("--data", data), ("--data-root", data_root),
-                                ("--recipe", recipe), ("--set", lets), ("--model-arg", model_kwargs), ("recipe overrides", overrides),
-                                ("--weights", weights), ("--out", out)] if v]
+        given = [name for name, value in [
+            ("SPEC", spec), ("--model", model), ("--data", data), ("--data-root", data_root), ("--recipe", recipe),
+            ("--set", lets), ("--model-arg", model_kwargs), ("recipe overrides", overrides),
+            ("--weights", weights), ("--pretrained", pretrained), ("--out", out)] if value]
         if given:
             raise RecipeError(f"--resume continues a run with its own configuration; drop {', '.join(given)}")
     elif spec is None:
@@ -104,7 +105,7 @@ def train_cmd(
             best = f"{state.best_top1:.2f}% (epoch {state.best_epoch + 1})" if state.best_top1 is not None else "-"
             last = f"{result.last_eval.top1:.2f}%" if result.last_eval else "-"
             console.print(f"run [bold]{run_dir}[/]: {state.epoch} epochs, {state.step} steps; "
-                          f"top-1 last {last}, best {best}", highlight=False)
+                          f"top-1 last {last}, best {best}", highlight=False, soft_wrap=True)
     finally:
         shutdown(ctx)
 
@@ -138,7 +139,9 @@ def eval_cmd(
         return
     from rich.table import Table
 
-    table = Table(title=f"{what['spec']} on {what['model']}: {what['data']} [{what['split']}]")
+    console.print(f"{what['spec']} on {what['model']}: {what['data']} [{what['split']}]", highlight=False,
+                  soft_wrap=True, markup=False)
+    table = Table()
     for column in ("samples", "top-1 %", "top-5 %", "loss", "img/s"):
         table.add_column(column, justify="right")
     table.add_row(str(result.samples), f"{result.top1:.2f}", f"{result.top5:.2f}", f"{result.loss:.4f}",
