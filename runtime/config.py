@@ -21,7 +21,7 @@ from utdsl.errors import CheckpointError
 
 from .recipes import Recipe
 
-__all__ = ["RunConfig", "resolve_config", "spec_of", "model_kwargs", "build_model", "build_data",
+__all__ = ["RunConfig", "resolve_config", "spec_of", "model_kwargs", "build_model", "build_data", "num_classes_of",
            "locate_checkpoint", "checkpoint_metadata"]
 
 
@@ -61,7 +61,7 @@ def resolve_config(*, spec: str, model: str, data: str, data_root: str | None, r
                      spec_overrides=dict(spec_overrides or {}), model=model,
                      model_kwargs=dict(model_kwargs or {}), weights=weights,
                      pretrained=pretrained, data=data, data_root=data_root,
-                     num_classes=_num_classes(probe), recipe=recipe, world_size=world_size,
+                     num_classes=num_classes_of(probe), recipe=recipe, world_size=world_size,
                      utdsl_version=utdsl.__version__)
 
 
@@ -116,7 +116,8 @@ def build_model(config: RunConfig, spec=None, *, echo=None) -> nn.Module:
                          inplace=True, model_name=config.model)
 
 
-def _num_classes(dataset) -> int:
+def num_classes_of(dataset) -> int:
+    """Number of classes of a data set built by ``build_dataset``."""
     from .data import describe
 
     return int(describe(dataset).num_classes)

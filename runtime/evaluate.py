@@ -99,6 +99,12 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: str | None = None, data
     split = split or config.recipe.eval_split
     ctx = ctx or DistContext(device=_pick_device(device, 0))
     dataset = run_config.build_data(config, split, train=False)
+    classes = run_config.num_classes_of(dataset)
+    if classes != config.num_classes:
+        from utdsl.errors import DataError
+
+        raise DataError(f"data set '{config.data}' has {classes} classes; the checkpoint's head has "
+                        f"{config.num_classes}", hint="evaluate on the data set the run was trained on")
     model = run_config.build_model(config, run_config.spec_of(config), echo=lambda text: None)
     import utdsl
 

@@ -172,3 +172,11 @@ def test_a_module_never_called_is_an_error_at_the_rule():
     (diagnostic,) = caught.value.diagnostics
     assert (diagnostic.line, diagnostic.column) == (2, 1)
     assert "spare: this module is never called" in diagnostic.message
+
+
+def test_frozen_weights_share_storage_with_the_callers_model_and_trained_ones_do_not():
+    base = tiny_vit()
+    tuned = utdsl.compile("lora", base)
+    assert tuned.get_parameter("blocks.0.attn.qkv.weight").data_ptr() == base.blocks[0].attn.qkv.weight.data_ptr()
+    assert tuned.get_parameter("head.weight").data_ptr() != base.head.weight.data_ptr()
+    assert tuned.get_parameter("head.weight") is not base.head.weight

@@ -78,6 +78,21 @@ def default_example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, *default_input_size(model), device=device)
 
 
+def _structural_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters are new ``Parameter`` objects over the same storage:
+    nothing done to the copy's flags reaches ``model``, and no weight is copied. Buffers are
+    copied; parameters that will train are given storage of their own by :func:`_own_storage`."""
+    memo = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def _own_storage(gm: nn.Module, names: set[str]) -> None:
+    with torch.no_grad():
+        for name, p in gm.named_parameters():
+            if name in names:
+                p.data = p.data.clone()
+
+
 def _namespace(model: nn.Module) -> str:
     name = "tuners"
     while hasattr(model, name):
@@ -90,16 +105,19 @@ def compile(spec: Spec | str | os.PathLike, model: nn.Module, example_input: tor
             overrides: Mapping[str, str] | None = None) -> ModalGraphModule:
     """Compile ``spec`` into ``model`` and return the tuned ``GraphModule``.
 
-    ``spec`` is a checked or parsed :class:`Spec`, spec text, a path or a library name. The base
-    model is copied first unless ``inplace``; base parameters keep their names and are frozen
-    except those the spec ``train``s; tuners train. ``example_input`` (default: a random batch of
+    ``spec`` is a checked or parsed :class:`Spec`, spec text, a path or a library name. Base
+    parameters keep their names and are frozen except those the spec ``train``s; tuners train.
+    ``model`` itself is left as it was unless ``inplace``: the result gets its own module tree,
+    ``Parameter`` objects, buffers and copies of the parameters that train, but shares the
+    *storage* of the frozen weights with ``model`` (no second copy of the backbone in memory), so
+    writing into a frozen weight of one in place shows in the other. ``example_input`` (default: a random batch of
     the model's configured input size) only sizes the tuners: no real forward runs. The result
     starts in ``model``'s mode and behaves as ``model`` does in each mode (dropout, DropPath).
     """
     spec = _as_checked_spec(spec, overrides)
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    base = model if inplace else copy.deepcopy(model)
+    base = model if inplace else _structural_copy(model)
     bindings = resolve(spec, base)
     gm = trace_modes(base)
     namespace = _namespace(base)
@@ -112,6 +130,8 @@ def compile(spec: Spec | str | os.PathLike, model: nn.Module, example_input: tor
             propagate_shapes(gm, example)
         rewrite(gm, the_plan)
     trained = set(the_plan.trained)
+    if not inplace:
+        _own_storage(gm, trained)
     for name, p in gm.named_parameters():
         p.requires_grad_(name.startswith(namespace + ".") or name in trained)
     gm.meta["utdsl"] = CompiledInfo(spec, the_plan, model_name or model_name_of(model), namespace)

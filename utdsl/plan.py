@@ -90,11 +90,22 @@ class Plan:
 
 
 def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
-    """Fill ``node.meta['tensor_meta']`` without computing: meta tensors stay meta, real ones are
-    run under a FakeTensorMode."""
+    """Fill ``node.meta['tensor_meta']`` without computing: the graph runs on meta tensors (the
+    parameters swapped for meta stand-ins for the duration), or under a FakeTensorMode when some
+    operation has no meta kernel."""
     if example_input.device.type == "meta":
         ShapeProp(gm).propagate(example_input)
         return
+    try:
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        stand_ins = {name: torch.empty_like(t, device="meta")
+                     for name, t in (*gm.named_parameters(), *gm.named_buffers())}
+        with _reparametrize_module(gm, stand_ins):
+            ShapeProp(gm).propagate(torch.empty_like(example_input, device="meta"))
+        return
+    except Exception:  # an op without a meta kernel, or a tensor made on another device
+        pass
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)

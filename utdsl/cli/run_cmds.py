@@ -34,10 +34,10 @@ def _literal(text: str):
 
 def train_cmd(
     spec: Optional[str] = typer.Argument(None, help="Spec file or library name (omit with --resume)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Backbone: alias or timm name [vit_b16]."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data set, e.g. digits, fgvc:cub [digits]."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Backbone: alias or timm name (default: vit_b16)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data set, e.g. digits, fgvc:cub (default: digits)."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Directory of the data set."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe name or .toml/.json file [default]."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe name or .toml/.json file (default: default)."),
     override: list[str] = typer.Option([], "--override", "-o", help="Recipe field: -o lr=0.01 (repeatable)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Spec let binding: --set r=16 (repeatable)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Recipe lr."),
@@ -54,12 +54,12 @@ def train_cmd(
     model_arg: list[str] = typer.Option([], "--model-arg", help="timm.create_model argument: --model-arg depth=6."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Backbone weights file."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Download timm's pretrained weights."),
-    out: Optional[Path] = typer.Option(None, "--out", "-O", help="Run directory [runs/SPEC-MODEL-DATA]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-O", help="Run directory (default: runs/SPEC-MODEL-DATA)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
     num_workers: int = typer.Option(4, "--num-workers", help="Data loader processes per rank."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also save resume state every N steps."),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bars [on a TTY]."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: on a TTY)."),
 ) -> None:
     """Train SPEC on a backbone and data set; writes a run directory (config, metrics, checkpoints)."""
     from utdsl.runtime.config import resolve_config
@@ -112,10 +112,10 @@ def train_cmd(
 
 def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="A run directory or a checkpoint written by utdsl train."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data set [the run's]."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="Directory of the data set [the run's]."),
-    split: Optional[str] = typer.Option(None, "--split", help="Split [the recipe's eval_split]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size [the recipe's]."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data set (default: the run's)."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Directory of the data set (default: the run's)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split (default: the recipe's eval_split)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: the recipe's)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     num_workers: int = typer.Option(4, "--num-workers", help="Data loader processes."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -152,7 +152,7 @@ def eval_cmd(
 
 def plot_cmd(
     run: Path = typer.Argument(..., help="Run directory."),
-    out: Optional[Path] = typer.Option(None, "--out", "-O", help="PNG to write [RUN/curves.png]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-O", help="PNG to write (default: RUN/curves.png)."),
 ) -> None:
     """Draw a run's loss and accuracy curves to a PNG."""
     from utdsl.cli import console
