@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from trainkit import blobs, fast_recipe, stub_checkpoints, tiny_model, trainable
+from trainkit import blobs, fast_recipe, tiny_model, trainable
 from utdsl.runtime.distributed import init_distributed, shutdown
 from utdsl.runtime.rundir import RunDir
 from utdsl.runtime.train import fit
@@ -30,12 +30,6 @@ def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-
-    class _Patch:  # pytest's monkeypatch is not available in a spawned process
-        def setattr(self, target, name, value, raising=True):
-            setattr(target, name, value)
-
-    stub_checkpoints(_Patch())
     ctx = init_distributed("cpu")
     assert (ctx.rank, ctx.world_size, ctx.backend) == (rank, WORLD, "gloo")
     recipe = fast_recipe(epochs=2, grad_accum=2, batch_size=4, log_every=5)

@@ -8,15 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainkit import Tiny, blobs, fast_recipe, stub_checkpoints, tiny_model, trainable
+from trainkit import Tiny, blobs, fast_recipe, tiny_model, trainable
 from utdsl.errors import CheckpointError
 from utdsl.runtime.rundir import RunDir, TrainState, atomic_write
 from utdsl.runtime.train import fit
-
-
-@pytest.fixture(autouse=True)
-def _checkpoints(monkeypatch):
-    stub_checkpoints(monkeypatch)
 
 
 def _without_timing(rows):

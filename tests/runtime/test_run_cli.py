@@ -119,3 +119,15 @@ def test_a_spec_that_does_not_fit_leaves_no_run(tmp_path, capsys):
     code, _, err = run(capsys, "train", str(spec), *MICRO, "--out", str(tmp_path / "run"))
     assert code == 2 and "atn" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_on_data_with_other_classes_is_an_error(trained, tmp_path, capsys):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label in ("a", "b", "c"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("RGB", (16, 16)).save(tmp_path / split / label / "0.png")
+    code, _, err = run(capsys, "eval", str(trained), "--data", "folder", "--data-root", str(tmp_path),
+                       "--num-workers", "0")
+    assert code == 2 and "has 3 classes; the checkpoint's head has 10" in err

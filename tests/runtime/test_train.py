@@ -9,18 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainkit import blobs, fast_recipe, frozen, stub_checkpoints, tiny_model, trainable
+from trainkit import blobs, fast_recipe, frozen, tiny_model, trainable
 from utdsl.runtime.distributed import EpochSampler, SeededDataset, mix_seed
 from utdsl.runtime.evaluate import evaluate, topk_correct
 from utdsl.runtime.optim import build_optimizer, lr_at
 from utdsl.runtime.recipes import Recipe, RecipeError, load_recipe, parse_assignments, recipe_names
 from utdsl.runtime.rundir import RunDir
 from utdsl.runtime.train import fit
-
-
-@pytest.fixture(autouse=True)
-def _checkpoints(monkeypatch):
-    stub_checkpoints(monkeypatch)
 
 
 # schedule and optimizer -----------------------------------------------------------------------

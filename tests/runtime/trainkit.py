@@ -1,14 +1,11 @@
-"""Helpers of the training tests: a tiny compiled model, separable data, a fast recipe.
-
-Until the compiler can compile (``utdsl.check`` is the lead's), ``tiny_model`` falls back to the
-plain module with ``fc1.weight`` frozen and ``stub_checkpoints`` stands in for ``save_tuners``.
-"""
+"""Helpers of the training tests: a tiny compiled model, separable data, a fast recipe."""
 
 from __future__ import annotations
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
+
+import utdsl
 from torch.utils.data import TensorDataset
 
 from utdsl.runtime.recipes import Recipe
@@ -29,14 +26,6 @@ class Tiny(nn.Module):
         return self.head(self.drop(self.act(self.fc1(x.flatten(1)))))
 
 
-def compiler_ready() -> bool:
-    try:
-        import utdsl.check  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def tiny_model(classes: int = 3, dropout: float = 0.1, seed: int = 0, tuner_seed: int | None = None) -> nn.Module:
     """The tiny model with LoRA on fc1 and a trained head; the base is initialised from ``seed``
     (it stands for pretrained weights), the tuners from ``tuner_seed`` (default: go on from it)."""
@@ -44,25 +33,7 @@ def tiny_model(classes: int = 3, dropout: float = 0.1, seed: int = 0, tuner_seed
     base = Tiny(classes, dropout)
     if tuner_seed is not None:
         torch.manual_seed(tuner_seed)
-    if compiler_ready():
-        import utdsl
-
-        return utdsl.compile(TINY_SPEC, base, torch.zeros(2, FEATURES), inplace=True, model_name="tiny")
-    base.fc1.weight.requires_grad_(False)
-    return base
-
-
-def stub_checkpoints(monkeypatch) -> None:
-    """Replace utdsl.save_tuners by a plain writer while the compiler cannot run."""
-    if compiler_ready():
-        return
-    import utdsl
-
-    def save(model, path, metadata=None):
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  str(path), metadata=dict(metadata or {}))
-
-    monkeypatch.setattr(utdsl, "save_tuners", save, raising=False)
+    return utdsl.compile(TINY_SPEC, base, torch.zeros(2, FEATURES), inplace=True, model_name="tiny")
 
 
 def blobs(n: int = 48, classes: int = 3, seed: int = 0) -> TensorDataset:
