@@ -19,6 +19,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     run = RunDir(run_dir)
     if not run.metrics_path.is_file():
@@ -42,6 +43,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
                 ax_acc.plot([r["epoch"] + 1 for r in evals], [r[key] for r in evals], "o-", label=key)
     ax_loss.set(xlabel="optimizer step", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="evaluation accuracy", ylim=(0, 100))
+    ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

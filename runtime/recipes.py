@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from utdsl.errors import Diagnostic, UtdslError, did_you_mean
 
-__all__ = ["Recipe", "RecipeError", "RECIPE_DIR", "recipe_names", "load_recipe", "parse_assignments"]
+__all__ = ["Recipe", "RecipeError", "RECIPE_DIR", "recipe_names", "load_recipe"]
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
 
@@ -124,14 +124,3 @@ def load_recipe(name_or_path: str | None = "default", overrides: Mapping[str, An
         return Recipe.model_validate(data)
     except ValidationError as error:
         raise _validation_error(error, where + (" (with overrides)" if overrides else "")) from None
-
-
-def parse_assignments(items: list[str] | None, what: str = "override") -> dict[str, str]:
-    """``["lr=0.01", "epochs=5"]`` -> ``{"lr": "0.01", "epochs": "5"}``; malformed items are errors."""
-    result: dict[str, str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise RecipeError(f"{what} '{item}' is not of the form name=value")
-        result[key.strip()] = value.strip()
-    return result

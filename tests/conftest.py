@@ -34,3 +34,20 @@ def vit():
 def images():
     torch.manual_seed(1)
     return torch.randn(2, 3, 32, 32)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the ``utdsl`` command line in-process: ``cli("check", "lora") -> (exit code, out, err)``."""
+    from utdsl.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        try:
+            main(list(argv))
+            code = 0
+        except SystemExit as done:
+            code = done.code or 0
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

@@ -15,7 +15,7 @@ import operator
 import re
 from typing import Any, Callable, Mapping
 
-from .errors import Span, did_you_mean
+from .errors import Span, UtdslError, did_you_mean
 from .syntax import BinOp, Expr, Literal, Neg, Ref
 
 __all__ = ["BAD", "evaluate", "parse_override"]
@@ -82,3 +82,15 @@ def parse_override(text: str) -> Any:
     if re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", stripped):
         return float(stripped)
     return {"true": True, "false": False}.get(stripped, text)
+
+
+def parse_assignments(items: list[str] | None, what: str = "override") -> dict[str, str]:
+    """``["lr=0.01", "epochs=5"]`` -> ``{"lr": "0.01", "epochs": "5"}`` (command-line ``--set``,
+    ``-o``, ``--model-arg``); a malformed item is a UtdslError naming ``what``."""
+    result: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UtdslError(f"{what} '{item}' is not of the form name=value")
+        result[key.strip()] = value.strip()
+    return result

@@ -13,7 +13,9 @@ from trainkit import blobs, fast_recipe, frozen, tiny_model, trainable
 from utdsl.runtime.distributed import EpochSampler, SeededDataset, mix_seed
 from utdsl.runtime.evaluate import evaluate, topk_correct
 from utdsl.runtime.optim import build_optimizer, lr_at
-from utdsl.runtime.recipes import Recipe, RecipeError, load_recipe, parse_assignments, recipe_names
+from utdsl.errors import UtdslError
+from utdsl.runtime.recipes import Recipe, RecipeError, load_recipe, recipe_names
+from utdsl.values import parse_assignments
 from utdsl.runtime.rundir import RunDir
 from utdsl.runtime.train import fit
 
@@ -177,7 +179,7 @@ def test_recipe_overrides_are_converted_and_checked(tmp_path):
         load_recipe(str(bad))
     assert "warmup_epochs" in error.value.diagnostics[0].hint
     assert parse_assignments(["lr=0.1", " epochs = 3"]) == {"lr": "0.1", "epochs": "3"}
-    with pytest.raises(RecipeError, match="name=value"):
+    with pytest.raises(UtdslError, match="override 'lr' is not of the form name=value"):
         parse_assignments(["lr"])
 
 

@@ -7,6 +7,7 @@ gloo on CPU); rank 0 prints and writes.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -14,6 +15,9 @@ from typing import Optional
 import typer
 
 __all__ = ["register"]
+
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
 
 def _default_out(spec_name: str, model: str, data: str) -> Path:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{spec_name}-{model}-{data}")
@@ -57,14 +61,15 @@ def train_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-O", help="Run directory (default: runs/SPEC-MODEL-DATA)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
-    num_workers: int = typer.Option(4, "--num-workers", help="Data loader processes per rank."),
+    num_workers: int = typer.Option(DEFAULT_WORKERS, "--num-workers", help="Data loader processes per rank."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also save resume state every N steps."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: on a TTY)."),
 ) -> None:
     """Train SPEC on a backbone and data set; writes a run directory (config, metrics, checkpoints)."""
     from utdsl.runtime.config import resolve_config
     from utdsl.runtime.distributed import broadcast_str, init_distributed, shutdown
-    from utdsl.runtime.recipes import RecipeError, load_recipe, parse_assignments
+    from utdsl.runtime.recipes import RecipeError, load_recipe
+    from utdsl.values import parse_assignments
     from utdsl.runtime.train import train
 
     values = dict(lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, weight_decay=weight_decay,
@@ -117,7 +122,7 @@ def eval_cmd(
     split: Optional[str] = typer.Option(None, "--split", help="Split (default: the recipe's eval_split)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: the recipe's)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
-    num_workers: int = typer.Option(4, "--num-workers", help="Data loader processes."),
+    num_workers: int = typer.Option(DEFAULT_WORKERS, "--num-workers", help="Data loader processes."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Evaluate a checkpoint (top-1, top-5, loss) on a data set split."""

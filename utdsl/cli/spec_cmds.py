@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import UtdslError
+from ..values import parse_assignments
 from ..selectors import generalize
 from . import console, err_console
 
@@ -20,14 +21,8 @@ MODEL_OPT = typer.Option("vit_b16", "--model", "-m", help="A timm model name or 
 
 
 def parse_sets(values: list[str] | None) -> dict[str, str]:
-    """``["r=16", "alpha=32"]`` -> ``{"r": "16", "alpha": "32"}``; a malformed item is an error."""
-    out: dict[str, str] = {}
-    for item in values or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise UtdslError(f"--set expects NAME=VALUE, got '{item}'")
-        out[name.strip()] = value.strip()
-    return out
+    """``--set r=16 --set alpha=32`` -> ``{"r": "16", "alpha": "32"}``."""
+    return parse_assignments(values, "--set")
 
 
 def check_cmd(spec: str = SPEC_ARG, sets: Optional[List[str]] = SET_OPT) -> None:
