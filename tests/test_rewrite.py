@@ -96,9 +96,10 @@ def test_nested_rules_compose_the_inner_tuner_inside_the_outer_site():
     torch.testing.assert_close(tuned(X), base.fc2(inner + outer(h)), rtol=0, atol=1e-6)
 
 
-def test_chunks_tune_only_their_part_of_a_fused_output():
+@pytest.mark.parametrize("dropout", [0.0, 0.5])  # 0: lowrank's fused block-matrix path; 0.5: per chunk
+def test_chunks_tune_only_their_part_of_a_fused_output(dropout):
     base = Toy()
-    tuned = utdsl.compile("fc1{0, 2 of 3} -> parallel lowrank(r=1)", base, X)
+    tuned = utdsl.compile(f"fc1{{0, 2 of 3}} -> parallel lowrank(r=1, dropout={dropout})", base, X).eval()
     randomize(tuned)
     joint = tuned.get_submodule("tuners.fc1.parallel_lowrank")
     assert list(joint.units) == ["0", "2"]

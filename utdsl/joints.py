@@ -51,11 +51,24 @@ class _Joint(nn.Module):
 
 
 class ParallelJoint(_Joint):
-    """y = h + U(x) (per chunk: y_c = h_c + U_c(x))."""
+    """y = h + U(x) (per chunk: y_c = h_c + U_c(x)).
+
+    When the tuner class offers ``chunked_delta(units, indices, count, x)`` (a full-width update
+    computed at once, e.g. lowrank's block matrices), chunked sites use it: one add on ``h`` instead
+    of splitting and re-joining the output."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        fused = getattr(type(next(iter(self.units.values()))), "chunked_delta", None)
+        self._fused = fused if self.chunk_indices is not None else None
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.in_axis != -1:
             x = x.movedim(self.in_axis, -1)
+        if self._fused is not None:
+            delta = self._fused(list(self.units.values()), self.chunk_indices, self.chunk_count, x)
+            if delta is not None:
+                return h + (delta.movedim(-1, self.out_axis) if self.out_axis != -1 else delta)
         return self._combine(h, lambda unit, part: part + unit(x))
 
 

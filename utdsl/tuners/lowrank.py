@@ -45,7 +45,26 @@ class LowRank(Tuner):
         return cls(site.in_features, site.out_features, args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(self.dropout(x))) * self.scaling
+        # scaling the r-wide bottleneck, not the output, saves a pass over the output
+        return self.up(self.down(self.dropout(x)) * self.scaling)
+
+    @staticmethod
+    def chunked_delta(units: list["LowRank"], indices: tuple[int, ...], count: int,
+                      x: torch.Tensor) -> torch.Tensor | None:
+        """The update of every chunk at once, full width: x A^T B^T with A the units' down
+        projections stacked and B block-diagonal over the tuned chunks (zero rows elsewhere).
+        None when a unit has dropout (each unit draws its own mask)."""
+        if any(not isinstance(u.dropout, nn.Identity) for u in units):
+            return None
+        ranks = [u.down.out_features for u in units]
+        size = units[0].up.out_features
+        down = torch.cat([u.down.weight * u.scaling for u in units])        # (sum r, in)
+        up = units[0].up.weight.new_zeros(size * count, sum(ranks))
+        column = 0
+        for index, unit, rank in zip(indices, units, ranks):
+            up[index * size:(index + 1) * size, column:column + rank] = unit.up.weight
+            column += rank
+        return nn.functional.linear(nn.functional.linear(x, down), up)
 
     def merge_delta(self) -> torch.Tensor:
         """ΔW (out, in) to add to the tuned linear's weight."""
