@@ -136,7 +136,7 @@ def plan(bindings: Bindings, gm: fx.GraphModule, example_input: torch.Tensor,
     for binding in bindings.bindings:
         try:
             insertions.append(_plan_one(binding, gm, modules, tuner_namespace))
-        except _PlanError as error:
+        except SiteError as error:
             diagnostics.append(Diagnostic(f"{binding.path}: {error.message}", binding.rule.span, error.hint))
     raise_if_any(diagnostics, SpecError)
     parameters = dict(gm.named_parameters())
@@ -146,14 +146,16 @@ def plan(bindings: Bindings, gm: fx.GraphModule, example_input: torch.Tensor,
                 [d for d in diagnostics if d.severity == "warning"])
 
 
-class _PlanError(Exception):
+class SiteError(Exception):
+    """A site that does not fit its rule's placement; ``plan`` reports it at the rule."""
+
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
         self.message, self.hint = message, hint
 
 
 #: placement -> ``analyze(binding, region, module, gm) -> (SiteInfo, in_axis, out_axis)`` for
-#: placements other than parallel/sequential (prompt, prefix); raises ``_PlanError`` on a site that
+#: placements other than parallel/sequential (prompt, prefix); raises ``SiteError`` on a site that
 #: does not fit. ``module`` is the site's module in ``gm`` (None when traced through).
 SITE_ANALYZERS: dict[str, Any] = {}
 
@@ -163,7 +165,7 @@ def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: st
     tuner_cls = tuners.get(rule.tuner.name)
     found = region(gm.graph, binding.path)
     if found is None:
-        raise _PlanError("this module is never called by the model's forward",
+        raise SiteError("this module is never called by the model's forward",
                          "select a module that the forward pass uses (see `utdsl inspect`)")
     module = modules.get(binding.path)
     analyze = SITE_ANALYZERS.get(rule.placement, _analyze_parallel_sequential)
@@ -174,7 +176,7 @@ def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: st
         with torch.device("meta"):
             unit = tuner_cls.build(rule.args, info)
     except (ValueError, TypeError) as error:
-        raise _PlanError(f"cannot build {rule.tuner.name} here: {error}") from error
+        raise SiteError(f"cannot build {rule.tuner.name} here: {error}") from error
     per_unit = sum(p.numel() for p in unit.parameters())
     units = len(rule.selector.chunks.indices) if rule.selector.chunks else 1
     return Insertion(
@@ -189,13 +191,13 @@ def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: st
 def _shape(node: fx.Node) -> tuple[int, ...]:
     meta = node.meta.get("tensor_meta")
     if meta is None or not hasattr(meta, "shape"):
-        raise _PlanError(f"the value '{node.name}' at this site is not a single tensor")
+        raise SiteError(f"the value '{node.name}' at this site is not a single tensor")
     return tuple(meta.shape)
 
 
 def _analyze_parallel_sequential(binding: Binding, found: Region, module, gm=None) -> tuple[SiteInfo, int, int]:
     if len(found.outputs) != 1:
-        raise _PlanError(f"this module's call produces {len(found.outputs)} values used later; "
+        raise SiteError(f"this module's call produces {len(found.outputs)} values used later; "
                          f"{binding.rule.placement} needs exactly one")
     out_shape = _shape(found.outputs[0])
     out_axis = channel_axis(out_shape, module)
@@ -203,7 +205,7 @@ def _analyze_parallel_sequential(binding: Binding, found: Region, module, gm=Non
         inputs = found.tensor_inputs
         if len(inputs) != 1:
             names = ", ".join(n.name for n in inputs) or "none"
-            raise _PlanError(f"parallel needs exactly one tensor input, this module takes {len(inputs)} ({names})")
+            raise SiteError(f"parallel needs exactly one tensor input, this module takes {len(inputs)} ({names})")
         in_shape = _shape(inputs[0])
         in_axis = channel_axis(in_shape, module)
     else:
@@ -215,7 +217,7 @@ def _analyze_parallel_sequential(binding: Binding, found: Region, module, gm=Non
 
 def _chunk_info(info: SiteInfo, chunks: Chunks, placement: str) -> SiteInfo:
     if info.out_features % chunks.count:
-        raise _PlanError(f"{info.out_features} output features do not split into {chunks.count} equal chunks")
+        raise SiteError(f"{info.out_features} output features do not split into {chunks.count} equal chunks")
     size = info.out_features // chunks.count
     in_features = size if placement == "sequential" else info.in_features
     return SiteInfo(info.path, in_features, size, {**info.extras, "chunk_size": size})

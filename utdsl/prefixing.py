@@ -23,7 +23,7 @@ from torch import nn
 
 from .attention import AttentionCall, find_attention
 from .joints import FULL
-from .plan import SITE_ANALYZERS, Insertion, _PlanError
+from .plan import SITE_ANALYZERS, Insertion, SiteError
 from .resolve import Binding
 from .rewrite import INSERTERS, build_units, shared_module
 from .trace import Region, stack_up_to
@@ -82,21 +82,21 @@ def prefix_mask(mask, length: int, visible: bool = True, is_causal=False, query=
 def _attention(found: Region, gm: fx.GraphModule) -> AttentionCall:
     calls = find_attention(found, dict(gm.named_modules()))
     if not calls:
-        raise _PlanError("prefix needs an attention inside the region; found neither a "
+        raise SiteError("prefix needs an attention inside the region; found neither a "
                          "scaled_dot_product_attention call nor softmax(q @ k) @ v",
                          "select attention modules, e.g. blocks.*.attn")
     if len(calls) > 1:
-        raise _PlanError(f"this region holds {len(calls)} attentions; prefix joins the keys of one",
+        raise SiteError(f"this region holds {len(calls)} attentions; prefix joins the keys of one",
                          "select each attention (or each block), e.g. blocks.*.attn")
     call = calls[0]
     if not call.num_heads:
-        raise _PlanError("the attention's values are not (batch, heads, tokens, head_dim)")
+        raise SiteError("the attention's values are not (batch, heads, tokens, head_dim)")
     return call
 
 
 def analyze_prefix(binding: Binding, found: Region, module, gm: fx.GraphModule) -> tuple[SiteInfo, int, int]:
     if binding.rule.selector.chunks is not None:
-        raise _PlanError("prefix keys and values join a whole attention; chunks do not apply")
+        raise SiteError("prefix keys and values join a whole attention; chunks do not apply")
     call = _attention(found, gm)
     width = call.num_heads * call.head_dim
     extras = {"num_heads": call.num_heads, "head_dim": call.head_dim, "attention": call.kind}

@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from .joints import FULL
-from .plan import SITE_ANALYZERS, Insertion, _PlanError
+from .plan import SITE_ANALYZERS, Insertion, SiteError
 from .resolve import Binding
 from .rewrite import INSERTERS, build_units, shared_module
 from .trace import Region, stack_up_to
@@ -57,15 +57,15 @@ def drop_tokens(y: torch.Tensor, start: int, length: int) -> torch.Tensor:
 
 def analyze_prompt(binding: Binding, found: Region, module, gm: fx.GraphModule) -> tuple[SiteInfo, int, int]:
     if binding.rule.selector.chunks is not None:
-        raise _PlanError("prompt tokens join a whole token sequence; chunks do not apply")
+        raise SiteError("prompt tokens join a whole token sequence; chunks do not apply")
     x, y = _boundary(found)
     in_shape, out_shape = _tokens_shape(x, "input"), _tokens_shape(y, "output")
     if in_shape[2] != out_shape[2]:
-        raise _PlanError(f"prompt needs a region that keeps the width; it maps {in_shape[2]} to "
+        raise SiteError(f"prompt needs a region that keeps the width; it maps {in_shape[2]} to "
                          f"{out_shape[2]} channels")
     start = int(getattr(gm, "num_prefix_tokens", 0) or 0)
     if start > min(in_shape[1], out_shape[1]):
-        raise _PlanError(f"the model's {start} prefix tokens do not fit a sequence of {in_shape[1]}")
+        raise SiteError(f"the model's {start} prefix tokens do not fit a sequence of {in_shape[1]}")
     extras = {"num_prefix_tokens": start, "tokens": in_shape[1], "in_shape": in_shape,
               "out_shape": out_shape, "patch_fan_in": _patch_fan_in(gm)}
     return SiteInfo(binding.path, in_shape[2], out_shape[2], extras), -1, -1
@@ -75,10 +75,10 @@ def _boundary(found: Region) -> tuple[fx.Node, fx.Node]:
     inputs = found.tensor_inputs
     if len(inputs) != 1:
         names = ", ".join(n.name for n in inputs) or "none"
-        raise _PlanError(f"prompt needs a region with one token-sequence input, this one takes "
+        raise SiteError(f"prompt needs a region with one token-sequence input, this one takes "
                          f"{len(inputs)} ({names})")
     if len(found.outputs) != 1:
-        raise _PlanError(f"prompt needs a region with one output, this one gives {len(found.outputs)}")
+        raise SiteError(f"prompt needs a region with one output, this one gives {len(found.outputs)}")
     return inputs[0], found.outputs[0]
 
 
@@ -86,7 +86,7 @@ def _tokens_shape(node: fx.Node, what: str) -> tuple[int, int, int]:
     meta = node.meta.get("tensor_meta")
     shape = tuple(getattr(meta, "shape", ()))
     if len(shape) != 3:
-        raise _PlanError(f"prompt needs a token sequence (batch, tokens, channels); this region's "
+        raise SiteError(f"prompt needs a token sequence (batch, tokens, channels); this region's "
                          f"{what} is {shape or 'not a tensor'}",
                          "select a transformer stack or block, e.g. ^blocks or blocks.*")
     return shape  # type: ignore[return-value]
