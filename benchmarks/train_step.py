@@ -237,7 +237,7 @@ def report(rows: list[dict], args) -> str:
             f"| {_ratio(row['step_ms'], peft.get('step_ms'))} | {row['mem_mib']:.0f} "
             f"| {_ratio(row['mem_mib'], full.get('mem_mib'))} | {_ratio(row['mem_mib'], peft.get('mem_mib'))} "
             f"| {_fmt(row.get('infer_vs_base'))} | {_fmt(row.get('merged_vs_base'))} |")
-    pair = by.get(f"pair:lora_qkv,peft_lora", {})
+    pair = by.get("pair:lora_qkv,peft_lora", {})
     if "lora_qkv_step_ms" in pair:
         ratio = pair["lora_qkv_step_ms"] / pair["peft_lora_step_ms"]
         lines.append(f"\ntarget lora_qkv step <= 1.0x PEFT LoRA (interleaved in one process): "

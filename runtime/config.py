@@ -88,7 +88,7 @@ def model_kwargs(config: RunConfig) -> dict[str, Any]:
     except TypeError:
         raise ModelError(f"model '{config.model}' takes {default_input_size(create_model(config.model, device='meta'))} "
                          f"inputs and no img_size; the recipe's input_size is {size}",
-                         hint=f"set the recipe's input_size to the model's (--input-size)") from None
+                         hint="set the recipe's input_size to the model's (--input-size)") from None
     return {**kwargs, "img_size": size}
 
 

@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -34,27 +33,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from utdsl.errors import CheckpointError
+from utdsl.files import atomic_write
 
 __all__ = ["RunDir", "TrainState", "atomic_write", "STATE_FORMAT"]
 
 STATE_FORMAT = "utdsl-train-state/1"
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then move the finished file onto ``path`` in one step."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -140,7 +123,7 @@ class RunDir:
         import utdsl
 
         path = self.checkpoint(kind)
-        atomic_write(path, lambda tmp: utdsl.save_tuners(model, tmp, dict(metadata or {})))
+        utdsl.save_tuners(model, path, dict(metadata or {}))  # atomic itself
         return path
 
     def save_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import replace
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 

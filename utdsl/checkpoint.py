@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,9 +17,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import CheckpointError
+from .files import atomic_write
 from .verify import compiled_info
 
-__all__ = ["save_tuners", "load_tuners", "read_metadata", "atomic_save_safetensors", "FORMAT"]
+__all__ = ["save_tuners", "load_tuners", "read_metadata", "FORMAT"]
 
 FORMAT = "utdsl-tuners/1"
 
@@ -29,22 +29,6 @@ def plan_signature(model: nn.Module) -> str:
     info = compiled_info(model)
     return json.dumps([[i.site + (str(i.chunks) if i.chunks else ""), i.placement, i.tuner]
                        for i in info.plan.insertions])
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                            metadata: dict[str, str]) -> None:
-    """Write ``tensors`` to ``path`` through a temporary file in the same folder and ``os.replace``,
-    so a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_tuners(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
@@ -64,7 +48,8 @@ def save_tuners(model: nn.Module, path: str | os.PathLike, metadata: dict[str, s
         "plan": plan_signature(model),
         **(metadata or {}),
     }
-    atomic_save_safetensors(tensors, path, meta)
+    plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(plain, tmp, metadata=meta))
     return Path(path)
 
 

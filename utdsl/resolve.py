@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import Diagnostic, SpecError, raise_if_any
 from .selectors import generalize, matches
-from .syntax import Freeze, Rule, Selector, Spec, Train
+from .syntax import Rule, Selector, Spec, Train
 
 __all__ = ["Binding", "Bindings", "resolve", "closest_paths"]
 
