@@ -102,7 +102,8 @@ def _insert_joint(gm: fx.GraphModule, insertion: Insertion, found: Region) -> No
         joint = shared_module(gm, insertion.module_name,
                               lambda: SequentialJoint(build_units(gm, insertion), residual=residual, **common))
         args = (h,)
-    outside_users = [user for user in h.users if user not in set(found.nodes)]
+    inside = set(found.nodes)
+    outside_users = [user for user in h.users if user not in inside]
     y = add_node_after(gm, h, insertion.module_name, joint, args, insertion.site, h)
     for user in outside_users:
         user.replace_input_with(h, y)
