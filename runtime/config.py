@@ -75,8 +75,8 @@ def spec_of(config: RunConfig):
 
 def model_kwargs(config: RunConfig) -> dict[str, Any]:
     """Arguments of ``create_model``: the run's ``model_kwargs``, plus ``img_size`` when the recipe's
-    input size differs from the model's default and the model takes one (ViTs do)."""
-    from utdsl.errors import ModelError
+    input size differs from the model's default and the model takes one (ViTs do). A model without
+    ``img_size`` (a CNN) is built as it is, after a check that it runs at the recipe's size."""
     from .models import create_model, default_input_size
 
     kwargs = dict(config.model_kwargs)
@@ -85,11 +85,26 @@ def model_kwargs(config: RunConfig) -> dict[str, Any]:
         return kwargs
     try:
         create_model(config.model, device="meta", img_size=size, **kwargs)
-    except TypeError:
-        raise ModelError(f"model '{config.model}' takes {default_input_size(create_model(config.model, device='meta'))} "
-                         f"inputs and no img_size; the recipe's input_size is {size}",
-                         hint="set the recipe's input_size to the model's (--input-size)") from None
+    except TypeError:  # no img_size: a CNN, which takes any size its strides and pools allow
+        _check_takes_size(config.model, kwargs, size)
+        return kwargs
     return {**kwargs, "img_size": size}
+
+
+def _check_takes_size(name: str, kwargs: dict[str, Any], size: int) -> None:
+    """A forward on the meta device (no compute) at ``size``; a ModelError if the model rejects it."""
+    from utdsl.errors import ModelError
+    from .models import create_model, default_input_size
+
+    model = create_model(name, device="meta", **kwargs).eval()
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, 3, size, size, device="meta"))
+    except Exception as error:  # noqa: BLE001 - the model's own checks, or a map pooled below 1x1
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"model '{name}' takes no img_size and does not run at {size}x{size}: {cause}",
+                         hint=f"its default input is {default_input_size(model)}; pick an --input-size "
+                              "it accepts") from None
 
 
 def build_model(config: RunConfig, spec=None, *, echo=None) -> nn.Module:

@@ -33,7 +33,7 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
         from utdsl.errors import SpecError
 
         raise SpecError("nothing to train: the model has no parameter that requires grad",
-                        hint="add a tuner rule or `train head` to the spec")
+                        hint="add a tuner rule or `train @classifier` to the spec")
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum)
     return torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)

@@ -36,8 +36,8 @@ def one(i):
     return ("IndexRange", i, None, True)
 
 
-def path(*segments, rooted=False):
-    return ("Path", tuple(segments), rooted)
+def path(*segments, rooted=False, role=None):
+    return ("Path", tuple(segments), rooted, role)
 
 
 def group(*paths):
@@ -60,6 +60,8 @@ SELECTORS = [
     ("blocks.*.mlp", sel(path(n("blocks"), STAR, n("mlp")))),
     ("**.bias", sel(path(GLOB, n("bias")))),
     ("^norm", sel(path(n("norm"), rooted=True))),
+    ("@classifier", sel(path(rooted=True, role="classifier"))),
+    ("@classifier.bias | head", sel(path(n("bias"), rooted=True, role="classifier"), path(n("head")))),
     ("^blocks.**", sel(path(n("blocks"), GLOB, rooted=True))),
     ("blocks[0:6].attn", sel(path(n("blocks", r(0, 6)), n("attn")))),
     ("blocks[3]", sel(path(n("blocks", one(3))))),

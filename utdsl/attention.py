@@ -10,6 +10,8 @@ and any mask, so a placement can extend them. Two forms are recognised:
   hand-written attentions): keys are the scores product's right operand, k transposed (B, H, D, S);
   every other value that joins the scores between the product and the softmax (a mask, a
   relative-position bias; None at run time is fine) is a mask whose last axis runs over the keys.
+  The softmax may be ``torch.softmax``, ``Tensor.softmax`` or an ``nn.Softmax(dim=-1)`` module; the
+  nodes between the product and the softmax (scaling, bias, views) are kept as ``path``.
 
 Invariants: nothing is edited here; locations are (node, positional index or keyword name) so an
 edit replaces exactly that argument (q and k may be the same node).
@@ -77,6 +79,7 @@ class AttentionCall:
     head_dim: int
     masks: list[Mask] = field(default_factory=list)     # what joins the scores over the keys
     is_causal: ArgRef | None = None                      # fused only
+    path: list[fx.Node] = field(default_factory=list)    # manual only: scores product -> softmax
 
 
 def find_attention(found: Region, modules: dict[str, nn.Module]) -> list[AttentionCall]:
@@ -85,7 +88,7 @@ def find_attention(found: Region, modules: dict[str, nn.Module]) -> list[Attenti
     for node in found.nodes:
         if node.op == "call_function" and node.target in _SDPA:
             calls.append(_fused(node))
-        elif _is_softmax(node):
+        elif _is_softmax(node, modules):
             call = _manual(node, modules)
             if call is not None:
                 calls.append(call)
@@ -104,13 +107,13 @@ def _fused(node: fx.Node) -> AttentionCall:
 
 
 def _manual(softmax: fx.Node, modules: dict[str, nn.Module]) -> AttentionCall | None:
-    scores, masks = _scores_product(softmax)
+    scores, masks, path = _scores_product(softmax)
     value_product = _value_product(softmax, modules)
     if scores is None or value_product is None:
         return None
     heads, dim = _heads(value_product.args[1])
     return AttentionCall("manual", softmax, scores.args[0], ArgRef(scores, 1), -1,
-                         ArgRef(value_product, 1), heads, dim, masks)
+                         ArgRef(value_product, 1), heads, dim, masks, path=path)
 
 
 def _heads(values) -> tuple[int, int]:
@@ -119,8 +122,11 @@ def _heads(values) -> tuple[int, int]:
     return (shape[1], shape[3]) if shape is not None and len(shape) == 4 else (0, 0)
 
 
-def _is_softmax(node: fx.Node) -> bool:
+def _is_softmax(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """A softmax over the last axis."""
+    if node.op == "call_module" and isinstance(modules.get(node.target), nn.Softmax):
+        dim = modules[node.target].dim
+        return dim == -1 or (isinstance(dim, int) and dim > 0 and dim == _ndim(node) - 1)
     if not ((node.op == "call_method" and node.target == "softmax")
             or (node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS)):
         return False
@@ -137,19 +143,21 @@ def _is_matmul(node: fx.Node) -> bool:
             or (node.op == "call_method" and node.target in _MATMUL_METHODS))
 
 
-def _scores_product(softmax: fx.Node) -> tuple[fx.Node | None, list[Mask]]:
-    """The ``a @ b`` whose result the softmax normalises, and the masks joined on the way."""
-    shape = getattr(softmax.meta.get("tensor_meta"), "shape", None)
-    node, masks = softmax.args[0], []
+def _scores_product(softmax: fx.Node) -> tuple[fx.Node | None, list[Mask], list[fx.Node]]:
+    """The ``a @ b`` whose result the softmax normalises, the masks joined on the way, and the
+    nodes on the way (softmax's input first)."""
+    node, masks, path = softmax.args[0], [], []
     while isinstance(node, fx.Node) and not _is_matmul(node):
-        tensors = [(i, a) for i, a in enumerate(node.args) if isinstance(a, fx.Node)]
+        tensors = [(i, a) for i, a in enumerate(node.args) if isinstance(a, fx.Node) and _shape(a) is not None]
         if not tensors or node.op not in ("call_function", "call_method"):
-            return None, []
-        on_path = next(((i, a) for i, a in tensors if _shape(a) == shape), tensors[0])
+            return None, [], []
+        # the scores are the operand shaped like the result (a bias may broadcast to it)
+        on_path = next(((i, a) for i, a in tensors if _shape(a) == _shape(node)), tensors[0])
         visible = not (node.op == "call_method" and node.target == "masked_fill")
         masks += [Mask(ArgRef(node, i), visible) for i, _ in tensors if i != on_path[0]]
+        path.append(node)
         node = on_path[1]
-    return (node if isinstance(node, fx.Node) else None), masks
+    return (node if isinstance(node, fx.Node) else None), masks, path
 
 
 def _value_product(softmax: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:

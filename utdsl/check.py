@@ -38,6 +38,7 @@ from .errors import Diagnostic, Span, SpecError, did_you_mean, raise_if_any
 from .values import BAD, evaluate, parse_override
 from .parse import parse
 from .placements import PLACEMENTS
+from .roles import ROLES
 from .syntax import (Arg, Chunks, Freeze, Group, Header, Let, Literal, Name, Rule, Selector, Spec,
                      Statement, Train, Use)
 
@@ -231,6 +232,10 @@ class _Checker:
 
     def selector(self, selector: Selector) -> None:
         for path in selector.paths:
+            if path.role is not None and path.role not in ROLES:
+                known = ["@" + name for name in ROLES]
+                self.error(f"unknown role '@{path.role}'", path.span,
+                           did_you_mean("@" + path.role, known) or f"the roles are {', '.join(known)}")
             self.path_segments(path.segments)
         if selector.chunks is not None:
             self.chunks(selector.chunks)

@@ -1,8 +1,10 @@
 """Tuner checkpoints: only what trains, as safetensors, written atomically.
 
 The metadata holds the spec text, the model name, the utdsl version and a signature of the plan
-(site, placement, tuner of each insertion); loading into another model or spec is a
-:class:`CheckpointError` that says which, never silent garbage.
+(site, placement, tuner and validated arguments of each insertion); loading into another model or
+spec, or into tuners built with other arguments (``alpha=8`` saved, ``alpha=16`` compiled), is a
+:class:`CheckpointError` that says which, never silent garbage. Checkpoints written before the
+arguments were recorded (three-field signatures) load where the sites match, unchecked.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -26,9 +29,53 @@ FORMAT = "utdsl-tuners/1"
 
 
 def plan_signature(model: nn.Module) -> str:
-    info = compiled_info(model)
-    return json.dumps([[i.site + (str(i.chunks) if i.chunks else ""), i.placement, i.tuner]
-                       for i in info.plan.insertions])
+    """JSON list of ``[site, placement, tuner, args]``, one per insertion, args as validated."""
+    return json.dumps(_signature(model))
+
+
+def _signature(model: nn.Module) -> list[list[Any]]:
+    return [[i.site + (str(i.chunks) if i.chunks else ""), i.placement, i.tuner,
+             i.args.model_dump(mode="json")] for i in compiled_info(model).plan.insertions]
+
+
+def _check_plan(path: str | os.PathLike, meta: dict[str, str], model: nn.Module) -> None:
+    """CheckpointError unless the checkpoint's plan is the model's: same sites, placements and
+    tuners, and (where the checkpoint records them) the same tuner arguments."""
+    try:
+        saved = json.loads(meta.get("plan", ""))
+    except json.JSONDecodeError:
+        saved = None
+    ours = _signature(model)
+    if (not isinstance(saved, list) or not all(isinstance(s, list) for s in saved)
+            or [s[:3] for s in saved] != [o[:3] for o in ours]):
+        raise CheckpointError(f"checkpoint '{path}' was written for another spec "
+                              f"('{meta.get('spec_name') or meta.get('spec_path')}'): its tuners sit elsewhere",
+                              hint="compile the spec stored in the checkpoint (utdsl eval does this)")
+    differences = []
+    for entry, (site, _, tuner, args), insertion in zip(saved, ours, compiled_info(model).plan.insertions):
+        if len(entry) < 4 or not isinstance(entry[3], dict):  # an older checkpoint: no arguments
+            continue
+        fields = type(insertion.args).model_fields
+        for name in sorted(set(entry[3]) | set(args)):
+            # a field added since the checkpoint was written had its default then
+            theirs = entry[3].get(name, fields[name].default if name in fields else _ABSENT)
+            mine = args.get(name, _ABSENT)
+            if theirs != mine:
+                differences.append(f"{site} {tuner}: {name} is {_shown(theirs)} in the checkpoint, "
+                                   f"{_shown(mine)} in this model")
+    if differences:
+        more = f"; and {len(differences) - 3} more" if len(differences) > 3 else ""
+        raise CheckpointError(f"checkpoint '{path}' was trained with other tuner arguments: "
+                              f"{'; '.join(differences[:3])}{more}",
+                              hint="compile the spec with the arguments stored in the checkpoint "
+                                   "(--set NAME=VALUE), or retrain")
+
+
+_ABSENT = object()
+
+
+def _shown(value: Any) -> str:
+    return "absent" if value is _ABSENT else repr(value)
 
 
 def save_tuners(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
@@ -72,16 +119,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def load_tuners(model: nn.Module, path: str | os.PathLike, *, strict_model: bool = True) -> dict[str, str]:
     """Load a checkpoint written by :func:`save_tuners` into a compiled ``model``; return its
-    metadata. The model name, the plan and every key and shape must match."""
+    metadata. The model name, the plan (tuner arguments included) and every key and shape must
+    match."""
     meta = read_metadata(path)
     info = compiled_info(model)
     if strict_model and meta.get("model") != info.model_name:
         raise CheckpointError(f"checkpoint '{path}' was trained on model '{meta.get('model')}', "
                               f"this model is '{info.model_name}'")
-    if meta.get("plan") != plan_signature(model):
-        raise CheckpointError(f"checkpoint '{path}' was written for another spec "
-                              f"('{meta.get('spec_name') or meta.get('spec_path')}'): its tuners sit elsewhere",
-                              hint="compile the spec stored in the checkpoint (utdsl eval does this)")
+    _check_plan(path, meta, model)
     tensors = load_file(str(path))
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))

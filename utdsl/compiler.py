@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import prefixing, prompting  # noqa: F401  (registers the prompt and prefix placements)
+from . import backends
 from .errors import ModelError
 from .modes import ModalGraphModule, trace_modes
 from .plan import Plan, plan as make_plan, propagate_shapes
@@ -68,6 +69,8 @@ def model_name_of(model: nn.Module) -> str:
 
 def default_example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
     """A random batch shaped as the model's configured input, on the model's device."""
+    if backends.uses_export(model):
+        return backends.example_input_for(model, batch)
     from .runtime.models import default_input_size
 
     try:
@@ -116,11 +119,11 @@ def compile(spec: Spec | str | os.PathLike, model: nn.Module, example_input: tor
     spec = _as_checked_spec(spec, overrides)
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    base = model if inplace else _structural_copy(model)
+    base = backends.prepare(model if inplace else _structural_copy(model))
     bindings = resolve(spec, base)
-    gm = trace_modes(base)
-    namespace = _namespace(base)
     example = example_input if example_input is not None else default_example_input(base)
+    gm = trace_modes(base, example)
+    namespace = _namespace(base)
     gm.select_graph(False)
     planned = gm.graph
     the_plan = make_plan(bindings, gm, example, namespace)

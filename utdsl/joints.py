@@ -6,7 +6,8 @@ the rule names no chunks) and combines it with the frozen operation's output ``h
 - :class:`ParallelJoint`: y = h + U(x), chunk by chunk;
 - :class:`SequentialJoint`: y = h + U(h), or U(h) for residual-free tuners.
 
-Tuners work on the last axis; a joint moves a channels-first value's channel axis there and back.
+Tuners work on the last axis; a joint moves a channels-first value's channel axis there and back,
+except for a unit marked ``native_layout`` (a conv-shaped lowrank), which takes x as the site does.
 """
 
 from __future__ import annotations
@@ -59,10 +60,15 @@ class ParallelJoint(_Joint):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        fused = getattr(type(next(iter(self.units.values()))), "chunked_delta", None)
+        unit = next(iter(self.units.values()))
+        fused = getattr(type(unit), "chunked_delta", None)
         self._fused = fused if self.chunk_indices is not None else None
+        # a unit in the site's own layout (a conv-shaped lowrank) maps x to h's shape itself
+        self._native = bool(getattr(unit, "native_layout", False)) and self.chunk_indices is None
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self._native:
+            return h + self.units[FULL](x)
         if self.in_axis != -1:
             x = x.movedim(self.in_axis, -1)
         if self._fused is not None:

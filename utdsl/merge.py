@@ -1,10 +1,14 @@
 """``utdsl.merge``: fold mergeable tuners into the weights of the operation they tune, for
 inference at the base model's speed.
 
-Folded: a ``parallel lowrank`` on a linear (W += ΔW on the tuned rows); a ``sequential affine``
+Folded: a ``parallel lowrank`` on a linear (W += ΔW on the tuned rows) or on a Conv2d with
+groups=1 (ΔW = up ∘ down, a conv-shaped update); a ``sequential affine``
 right after a linear, conv or layer norm (its output channels scaled and shifted), or else right
 before a linear that is its only user (that linear's input columns scaled, its bias shifted: IA3
-on an activation). Other tuners, and affines with no weight beside them, stay in the graph. The
+on an activation). A linear may be a module used functionally (``F.linear(x, qkv.weight, bias)``,
+its weight read there alone): the weight folds in place, and an affine's scale and shift fold into
+the bias's parameters (``q_bias``, ``v_bias``) only when the pieces that are not parameters (the
+``k_bias`` buffer) keep their values; otherwise the affine stays in the graph. Other tuners, and affines with no weight beside them, stay in the graph. The
 input model is not modified. A model with a train and an eval graph has the same tuners removed
 from both.
 """
@@ -68,13 +72,98 @@ def _tuned_rows(joint: nn.Module, out: int):
 @torch.no_grad()
 def _fold_lowrank(gm: fx.GraphModule, joint: ParallelJoint, node: fx.Node) -> bool:
     h, x = node.args
-    if h.op != "call_module" or h.args[:1] != (x,):
+    functional = _functional_linear(gm, h)
+    if functional is not None:
+        weight = functional[0]
+        if _linear_values(h)["input"] is not x:
+            return False
+    else:
+        if h.op != "call_module" or h.args[:1] != (x,):
+            return False
+        linear = gm.get_submodule(h.target)
+        conv = isinstance(linear, nn.Conv2d) and getattr(joint.units[FULL], "native_layout", False)
+        if conv and linear.groups != 1:
+            return False  # ΔW = up ∘ down spans every input channel; a grouped weight cannot hold it
+        if not (isinstance(linear, nn.Linear) or conv):
+            return False
+        weight = linear.weight
+    for unit, rows in _tuned_rows(joint, weight.shape[0]):
+        weight[rows] += unit.merge_delta().to(weight.dtype)
+    return True
+
+
+def _linear_values(h: fx.Node) -> dict:
+    return dict(zip(("input", "weight", "bias"), h.args)) | dict(h.kwargs)
+
+
+def _functional_linear(gm: fx.GraphModule, h: fx.Node):
+    """(weight, bias pieces) of ``F.linear(x, weight, bias)`` whose weight is a parameter read by
+    this call alone (a module used functionally, e.g. timm's EVA/BEiT/SwinV2 ``qkv``), else None.
+    The bias pieces are ``[(tensor, is_parameter)]`` in output order: a parameter or buffer, or the
+    ``torch.cat`` of some (``q_bias``, the ``k_bias`` zeros, ``v_bias``); None for a bias built
+    otherwise, ``[]`` for no bias."""
+    if h.op != "call_function" or h.target is not F.linear:
+        return None
+    values = _linear_values(h)
+    weight, bias = values.get("weight"), values.get("bias")
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return None
+    reads = [n for n in h.graph.nodes if n.op == "get_attr" and n.target == weight.target]
+    if sum(len(n.users) for n in reads) != 1:
+        return None  # the weight is shared: folding would change its other uses
+    if bias is None:
+        return gm.get_parameter(weight.target), []
+    parts = [bias]
+    if isinstance(bias, fx.Node) and bias.op == "call_function" and bias.target is torch.cat:
+        if len(bias.users) != 1:
+            return None
+        parts, dim = bias.args[0], (bias.args[1:] or (bias.kwargs.get("dim", 0),))[0]
+        if dim not in (0, -1) or not isinstance(parts, (list, tuple)):
+            return None
+    if not all(isinstance(p, fx.Node) and p.op == "get_attr" and len(p.users) == 1 for p in parts):
+        return None
+    pieces = []
+    for part in parts:
+        tensor = gm.get_parameter(part.target) if _is_parameter(gm, part.target) else gm.get_buffer(part.target)
+        pieces.append((tensor, _is_parameter(gm, part.target)))
+    return gm.get_parameter(weight.target), pieces
+
+
+def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
         return False
-    linear = gm.get_submodule(h.target)
-    if not isinstance(linear, nn.Linear):
+
+
+@torch.no_grad()
+def _fold_affine_after_functional(joint: SequentialJoint, weight: torch.Tensor, pieces: list) -> bool:
+    """Scale the rows of ``weight`` and map the bias b -> s * b + t, piece by piece; a piece that is
+    not a parameter (timm's ``k_bias`` buffer of zeros, not saved) must keep its value, or nothing
+    is folded."""
+    bias = torch.cat([t for t, _ in pieces]) if pieces else torch.zeros_like(weight[:, 0])
+    new_bias, scales = bias.clone(), torch.ones_like(bias)
+    for unit, rows in _tuned_rows(joint, weight.shape[0]):
+        scale, shift = unit.merge_delta()
+        if scale is not None:
+            scales[rows] = scale.to(bias.dtype)
+            new_bias[rows] *= scale.to(bias.dtype)
+        if shift is not None:
+            new_bias[rows] += shift.to(bias.dtype)
+    if not pieces and torch.count_nonzero(new_bias):
         return False
-    for unit, rows in _tuned_rows(joint, linear.out_features):
-        linear.weight[rows] += unit.merge_delta().to(linear.weight.dtype)
+    start, updates = 0, []
+    for tensor, is_parameter in pieces:
+        new = new_bias[start:start + tensor.shape[0]]
+        start += tensor.shape[0]
+        if not torch.equal(new, tensor):
+            if not is_parameter:
+                return False
+            updates.append((tensor, new))
+    weight *= scales.reshape((-1,) + (1,) * (weight.dim() - 1)).to(weight.dtype)
+    for tensor, new in updates:
+        tensor.copy_(new)
     return True
 
 
@@ -99,15 +188,19 @@ def _output_parameters(gm: fx.GraphModule, h: fx.Node):
 
 @torch.no_grad()
 def _fold_affine_after(gm: fx.GraphModule, joint: SequentialJoint, node: fx.Node) -> bool:
+    if joint.residual:
+        return False
+    functional = _functional_linear(gm, node.args[0])
+    if functional is not None:
+        return joint.out_axis == -1 and _fold_affine_after_functional(joint, *functional)
     found = _output_parameters(gm, node.args[0])
-    if found is None or joint.residual:
+    if found is None:
         return False
     weight, bias, owner = found
     if isinstance(owner, _CHANNELS_FIRST) != (joint.out_axis == 1):
         return False
     if bias is None:
-        owner.bias = bias = nn.Parameter(torch.zeros_like(weight[:, 0] if weight.dim() > 1 else weight),
-                                         requires_grad=False)
+        owner.bias = bias = nn.Parameter(weight.new_zeros(weight.shape[0]), requires_grad=False)
     for unit, rows in _tuned_rows(joint, weight.shape[0]):
         scale, shift = unit.merge_delta()
         if scale is not None:

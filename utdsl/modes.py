@@ -11,18 +11,23 @@ Invariants: both graphs call the same module instances (base modules and tuners)
 ``state_dict`` keys and ``gm.meta`` are those of one model; when the two traces are identical
 there is a single graph and no switch ever happens. ``gm.graph`` is the active mode's graph; a
 pass that edits graphs edits each one in turn through :meth:`ModalGraphModule.each_graph`
-(``compile`` and ``merge`` do). Deep copies keep both graphs; pickling, which fx does through the
-generated code, keeps only the active one.
+(``compile`` and ``merge`` do). Deep copies keep both graphs, and so does pickling
+(``torch.save`` of the whole model): as fx does, each distinct graph is stored as its generated
+code and traced again on load, every module a leaf (:func:`_restore`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping
+import types
+from typing import Any, Callable, Iterator, Mapping
 
 import torch.fx as fx
 from torch import nn
-from torch.fx.graph_module import _copy_attr
+from torch.fx.graph import _is_from_torch
+from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, _format_import_block, _forward_from_src
+from torch.package import sys_importer
 
+from .backends import finish_module
 from .trace import copy_model_attrs, trace_graph
 
 __all__ = ["ModalGraphModule", "trace_modes"]
@@ -71,6 +76,22 @@ class ModalGraphModule(fx.GraphModule):
         finally:
             self.select_graph(mode)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # fx pickles the module's __dict__ without its graph plus the graph's code; here the
+        # graphs of both modes go as code (fx.Graph objects, with their node metadata, are no
+        # pickle format), and the functions the graphs call stay calls on reload.
+        body = self.__dict__.copy()
+        del body["_graph"], body["_mode_graphs"]
+        graphs = [self._mode_graphs[True]] + ([self._mode_graphs[False]] if self.has_mode_graphs else [])
+        codes = []
+        for graph in graphs:
+            code = graph.python_code(root_module="self")
+            codes.append(_format_import_block(code.globals, sys_importer) + code.src)
+        leaves = {node.target for graph in graphs for node in graph.nodes
+                  if node.op == "call_function" and isinstance(node.target, types.FunctionType)
+                  and "<locals>" not in node.target.__qualname__ and not _is_from_torch(node.target)}
+        return (_restore, (body, codes, tuple(leaves), type(self).__name__))
+
     def _deepcopy_init(self) -> Callable[..., None]:
         def init(copy: "ModalGraphModule", root: nn.Module, graph: fx.Graph) -> None:
             graphs: dict[bool, fx.Graph] = root.__dict__.get("_mode_graphs") or {True: graph, False: graph}
@@ -85,6 +106,39 @@ def _copy_targets(root: nn.Module, to: nn.Module, graph: fx.Graph) -> None:
             _copy_attr(root, to, node.target)
 
 
+class _LeafTracer(fx.Tracer):
+    """Traces generated code back into a graph: every module stays a call."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _restore(body: dict[str, Any], codes: list[str], leaves: tuple[Callable[..., Any], ...],
+             class_name: str) -> "ModalGraphModule":
+    """Unpickle a :class:`ModalGraphModule`: trace each stored code (train graph first) against the
+    pickled modules, then rebuild the module around the graphs and restore the rest of its
+    ``__dict__`` (``meta`` included, which ``GraphModule.__init__`` would reset)."""
+    graphs = []
+    for src in codes:
+        root = type("_CodeOnly", (_CodeOnlyModule,), {"forward": _forward_from_src(src, {})})(body)
+        graph = _LeafTracer(autowrap_functions=leaves).trace(root)
+        for node in graph.nodes:
+            # fx marks calls of its own wrapped functions (``_assert_is_none``, from the concrete
+            # ``attn_mask=None``) and their code would then register the dotted name
+            # ``torch.fx._symbolic_trace._assert_is_none`` with fx.wrap, which breaks every later
+            # trace in the process with a KeyError
+            if node.meta.get("is_wrapped") and _is_from_torch(node.target):
+                del node.meta["is_wrapped"]
+        graph._tracer_cls = body.get("_tracer_cls")
+        graphs.append(graph)
+    root = _CodeOnlyModule(body)
+    gm = ModalGraphModule(root, {True: graphs[0], False: graphs[-1]}, class_name)
+    for key, value in body.items():
+        if key == "meta" or not hasattr(gm, key):
+            setattr(gm, key, value)
+    return gm
+
+
 def _has_attr(module: nn.Module, target: str) -> bool:
     for item in target.split("."):
         if not hasattr(module, item):
@@ -93,15 +147,16 @@ def _has_attr(module: nn.Module, target: str) -> bool:
     return True
 
 
-def trace_modes(model: nn.Module) -> ModalGraphModule:
+def trace_modes(model: nn.Module, example_input=None) -> ModalGraphModule:
     """Trace ``model`` in train and in eval mode into one :class:`ModalGraphModule` (one graph when
-    the traces are the same). ``model``'s mode is restored; the result starts in that mode."""
+    the traces are the same). ``model``'s mode is restored; the result starts in that mode.
+    ``example_input`` is used only by backends that trace on a real input (torch.export)."""
     was_training = model.training
     graphs: dict[bool, fx.Graph] = {}
     try:
         for mode in (True, False):
             model.train(mode)
-            graphs[mode] = trace_graph(model)
+            graphs[mode] = trace_graph(model, example_input)
     finally:
         model.train(was_training)
     if _code(graphs[True]) == _code(graphs[False]):
@@ -109,6 +164,7 @@ def trace_modes(model: nn.Module) -> ModalGraphModule:
         graphs[False] = graphs[True]
     gm = ModalGraphModule(model, graphs, type(model).__name__)
     copy_model_attrs(model, gm)
+    finish_module(gm, graphs[True])
     return gm
 
 

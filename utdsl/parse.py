@@ -166,6 +166,10 @@ class _Build(Transformer):
         rooted = isinstance(children[0], Token) and children[0].type == "ROOT"
         return ast.Path(tuple(children[1:] if rooted else children), self._span(meta), rooted)
 
+    def role_path(self, meta, children):
+        role, *segments = children
+        return ast.Path(tuple(segments), self._span(meta), rooted=True, role=str(role)[1:])
+
     def subpath(self, meta, children):
         return ast.Path(tuple(children), self._span(meta))
 

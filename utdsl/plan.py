@@ -9,22 +9,25 @@ placement, is an error pointing at its rule.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import tuners
-from .errors import Diagnostic, SpecError, raise_if_any
+from .errors import Diagnostic, ModelError, SpecError, raise_if_any
 from .resolve import Binding, Bindings
 from .syntax import Chunks
 from .trace import Region, region
 from .tuners import SiteInfo, TunerArgs
 
-__all__ = ["Insertion", "Plan", "plan", "propagate_shapes", "channel_axis", "SITE_ANALYZERS"]
+__all__ = ["Insertion", "Plan", "plan", "propagate_shapes", "probe_layouts", "channel_axis", "SITE_ANALYZERS"]
 
 
 @dataclass(frozen=True)
@@ -112,24 +115,148 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
     ShapeProp(gm, fake_mode=mode).propagate(mode.from_tensor(example_input))
 
 
-def channel_axis(shape: tuple[int, ...], module: torch.nn.Module | None = None) -> int:
-    """Where the channels of a site's value are: last for tokens and channels-last maps, 1 for
-    NCHW maps. 4-d values are told apart by their square spatial size; a conv/batch-norm leaf
-    decides a tie."""
-    if len(shape) != 4:
+def channel_axis(node: fx.Node, module: torch.nn.Module | None = None, peers: tuple[fx.Node, ...] = ()) -> int:
+    """Where the channels of the value ``node`` are: -1 (tokens, channels-last maps) or another
+    axis (1 for NCHW maps). Decided, first that applies, by: the site ``module`` when it is a leaf
+    of a known layout (a conv: 1; a linear or layer norm: -1); the only non-batch axis whose size
+    did not change when :func:`probe_layouts` ran the model at another input size; the nearest
+    layout-revealing operation that produces or consumes the value or one of its ``peers`` (values
+    of the same shape at the other end of the site); the value's shape (a square spatial size) as
+    a last resort."""
+    shape = tuple(node.meta["tensor_meta"].shape)
+    if len(shape) < 3:
         return -1
-    if shape[2] == shape[3] and shape[1] != shape[2]:
+    axis = _module_layout(module)
+    if axis is None:
+        axis = _probed_axis(shape, node.meta.get(_ALT_SHAPE))
+    if axis is None:
+        axis = _neighbour_layout([node, *(p for p in peers if _shape_or_none(p) == shape)])
+    if axis is None:
+        axis = 1 if len(shape) == 4 and shape[2] == shape[3] and shape[1] != shape[2] else -1
+    return -1 if axis in (-1, len(shape) - 1) else axis
+
+
+_ALT_SHAPE = "utdsl_alt_shape"
+_LAST_MODULES = (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.RMSNorm)
+_FIRST_MODULES = (torch.nn.modules.conv._ConvNd, torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm,
+                  torch.nn.modules.instancenorm._InstanceNorm, torch.nn.modules.pooling._AvgPoolNd,
+                  torch.nn.modules.pooling._MaxPoolNd, torch.nn.modules.pooling._AdaptiveAvgPoolNd,
+                  torch.nn.modules.pooling._AdaptiveMaxPoolNd)
+_FIRST_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.batch_norm, F.group_norm, F.instance_norm, F.avg_pool2d,
+                    F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate}
+_LAST_FUNCTIONS = {F.linear, F.layer_norm}
+
+
+def _module_layout(module: torch.nn.Module | type | None) -> int | None:
+    """1 for a module (or class) that works on channels-first values, -1 for channels-last, None
+    for a container or a kind that does not say. timm's ``LayerNorm2d`` is an ``nn.LayerNorm`` on
+    NCHW, so a ``...2d`` name wins over the class."""
+    kind = module if isinstance(module, type) else type(module)
+    if not isinstance(kind, type) or not issubclass(kind, torch.nn.Module):
+        return None
+    if kind.__name__.endswith(("Norm2d", "Norm1d", "Act2d", "Pool2d")) or issubclass(kind, _FIRST_MODULES):
         return 1
-    if shape[1] == shape[2] and shape[3] != shape[2]:
-        return -1
-    channels_first = (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.GroupNorm)
-    return 1 if isinstance(module, channels_first) else -1
+    return -1 if issubclass(kind, _LAST_MODULES) else None
+
+
+def _probed_axis(shape: tuple[int, ...], alt: tuple[int, ...] | None) -> int | None:
+    if alt is None or len(alt) != len(shape):
+        return None
+    fixed = [axis for axis in range(1, len(shape)) if shape[axis] == alt[axis]]
+    return fixed[0] if len(fixed) == 1 and len(fixed) < len(shape) - 1 else None
+
+
+def _op_layout(node: fx.Node, value: fx.Node) -> int | None:
+    """The layout an operation imposes on ``value`` (its output, or its first argument)."""
+    if node is not value and (not node.args or node.args[0] is not value):
+        return None
+    if node.op == "call_function":
+        return 1 if node.target in _FIRST_FUNCTIONS else -1 if node.target in _LAST_FUNCTIONS else None
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target) if node.graph.owning_module else None
+        return _module_layout(module)
+    if node is not value:  # a traced-through 2d norm (timm's LayerNorm2d) starts with a permute
+        entered = [kind for path, kind in (node.meta.get("nn_module_stack") or {}).values()
+                   if path not in {p for p, _ in (value.meta.get("nn_module_stack") or {}).values()}]
+        for kind in entered:
+            if isinstance(kind, type) and kind.__name__.endswith(("Norm2d", "Act2d")):
+                return 1
+    return None
+
+
+_SHAPE_CHANGING = {"permute", "transpose", "reshape", "view", "flatten", "unflatten", "movedim", "contiguous"}
+
+
+def _shape_or_none(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _neighbour_layout(nodes: list[fx.Node], limit: int = 8) -> int | None:
+    """The layout of the nearest operation producing or consuming the values ``nodes`` (all of
+    one shape), looking through shape-keeping elementwise operations (activations, residual adds,
+    dropout)."""
+    shape = _shape_or_none(nodes[0])
+    frontier, seen = list(nodes), set(nodes)
+    while frontier and len(seen) < 4 * limit:
+        value = frontier.pop(0)
+        for other in (value, *value.users):
+            axis = _op_layout(other, value)
+            if axis is not None:
+                return axis
+        for other in (*value.all_input_nodes, *value.users):
+            if (other not in seen and _shape_or_none(other) == shape
+                    and not (other.op == "call_method" and other.target in _SHAPE_CHANGING)
+                    and not (value.op == "call_method" and value.target in _SHAPE_CHANGING and other in value.all_input_nodes)):
+                seen.add(other)
+                frontier.append(other)
+    return None
+
+
+def probe_layouts(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+    """Record on each node (``meta['utdsl_alt_shape']``) its value's shape with the image input's
+    height and width doubled, for :func:`channel_axis`: the axis whose size stays is the channel
+    axis. Models that take one size only (a ViT without ``dynamic_img_size``) record nothing; the
+    shapes of ``example_input`` already on the nodes are kept."""
+    for node in gm.graph.nodes:
+        node.meta.pop(_ALT_SHAPE, None)
+    if example_input.dim() != 4:
+        return
+    kept = {node: node.meta.get("tensor_meta") for node in gm.graph.nodes}
+    b, c, h, w = example_input.shape
+    alt = torch.empty(b, c, 2 * h, 2 * w, dtype=example_input.dtype, device=example_input.device)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before raising
+            propagate_shapes(gm, alt)
+        for node in gm.graph.nodes:
+            meta = node.meta.get("tensor_meta")
+            if hasattr(meta, "shape"):
+                node.meta[_ALT_SHAPE] = tuple(meta.shape)
+    except Exception:  # noqa: BLE001 - a model that rejects the size: other clues decide
+        pass
+    finally:
+        for node, meta in kept.items():
+            if meta is None:
+                node.meta.pop("tensor_meta", None)
+            else:
+                node.meta["tensor_meta"] = meta
 
 
 def plan(bindings: Bindings, gm: fx.GraphModule, example_input: torch.Tensor,
          tuner_namespace: str = "tuners") -> Plan:
     """Size every binding's tuner from the shapes of ``gm`` (traced, untouched) on ``example_input``."""
-    propagate_shapes(gm, example_input)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before raising
+            propagate_shapes(gm, example_input)
+    except Exception as error:  # the model's own checks (timm asserts the image size), shape errors
+        shape = "x".join(map(str, example_input.shape))
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if isinstance(error, RuntimeError) and error.__cause__ is not None:
+            cause = str(error.__cause__).splitlines()[0] or cause  # ShapeProp wraps the real error
+        raise ModelError(f"the example input ({shape}) does not run through the model: {cause}",
+                         hint="pass an input of the size the model was built for (timm: img_size=..., "
+                              "or dynamic_img_size=True)") from error
+    probe_layouts(gm, example_input)
     modules = dict(gm.named_modules())
     insertions: list[Insertion] = []
     diagnostics: list[Diagnostic] = list(bindings.warnings)
@@ -167,6 +294,10 @@ def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: st
     if found is None:
         raise SiteError("this module is never called by the model's forward",
                          "select a module that the forward pass uses (see `utdsl inspect`)")
+    if found.calls > 1:
+        raise SiteError(f"this module is never called, and its weight is used by {found.calls} "
+                         "functional calls; a tuner attaches to one use",
+                         "select a module that is called, or one whose weight the forward uses once")
     module = modules.get(binding.path)
     analyze = SITE_ANALYZERS.get(rule.placement, _analyze_parallel_sequential)
     info, in_axis, out_axis = analyze(binding, found, module, gm)
@@ -200,19 +331,52 @@ def _analyze_parallel_sequential(binding: Binding, found: Region, module, gm=Non
         raise SiteError(f"this module's call produces {len(found.outputs)} values used later; "
                          f"{binding.rule.placement} needs exactly one")
     out_shape = _shape(found.outputs[0])
-    out_axis = channel_axis(out_shape, module)
+    out_axis = channel_axis(found.outputs[0], module, tuple(found.tensor_inputs))
+    extras: dict[str, Any] = {"out_shape": out_shape}
     if binding.rule.placement == "parallel":
         inputs = found.tensor_inputs
         if len(inputs) != 1:
             names = ", ".join(n.name for n in inputs) or "none"
             raise SiteError(f"parallel needs exactly one tensor input, this module takes {len(inputs)} ({names})")
         in_shape = _shape(inputs[0])
-        in_axis = channel_axis(in_shape, module)
+        in_axis = channel_axis(inputs[0], module, tuple(found.outputs))
+        conv = _leaf_conv(found, module, inputs[0])
+        if conv is not None:
+            extras["conv"] = conv
+        _check_maps_shape(binding, in_shape, in_axis, out_shape, out_axis, conv is not None)
     else:
         in_shape, in_axis = out_shape, out_axis
-    info = SiteInfo(binding.path, in_shape[in_axis], out_shape[out_axis],
-                    {"in_shape": in_shape, "out_shape": out_shape})
+    info = SiteInfo(binding.path, in_shape[in_axis], out_shape[out_axis], {"in_shape": in_shape, **extras})
     return info, in_axis, out_axis
+
+
+def _leaf_conv(found: Region, module, x: fx.Node) -> dict[str, Any] | None:
+    """The geometry of a site that is one call of an ``nn.Conv2d`` on ``x``, else None."""
+    if not isinstance(module, torch.nn.Conv2d) or len(found.nodes) != 1:
+        return None
+    (node,) = found.nodes
+    if node.op != "call_module" or node.args[:1] != (x,):
+        return None
+    return {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
+            "dilation": module.dilation, "groups": module.groups, "padding_mode": module.padding_mode}
+
+
+def _check_maps_shape(binding: Binding, in_shape, in_axis: int, out_shape, out_axis: int, conv: bool) -> None:
+    """A parallel tuner maps channels to channels, position by position: the site must keep every
+    other axis, unless the tuner makes a conv-shaped update of a conv site."""
+    def others(shape, axis):
+        return [size for i, size in enumerate(shape) if i != axis % len(shape)]
+
+    if len(in_shape) == len(out_shape) and others(in_shape, in_axis) == others(out_shape, out_axis):
+        return
+    tuner = binding.rule.tuner.name
+    if conv and getattr(tuners.get(tuner), "conv_sites", False):
+        return
+    shapes = " -> ".join("x".join(map(str, s)) for s in (in_shape, out_shape))
+    raise SiteError(f"parallel {tuner} maps channels position by position, but this module changes "
+                    f"the shape of its value ({shapes})",
+                    "attach it `sequential` (on the output), pick a site that keeps the shape, or use "
+                    "`parallel lowrank` on a Conv2d (a conv-shaped update)")
 
 
 def _chunk_info(info: SiteInfo, chunks: Chunks, placement: str) -> SiteInfo:

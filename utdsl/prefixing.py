@@ -11,6 +11,12 @@ l(q) = sum_i exp(q.Pk_i s) / (sum_i exp(q.Pk_i s) + sum_j exp(q.K_j s)), s the a
 prefix tuning is a gated parallel tuner on the attention (He et al., 2022). It is never the
 identity at init (l > 0 whatever Pk and Pv are).
 
+Relative-position biases, window masks and attention biases over the keys (BEiT, Swin, LeViT) give
+the prefix keys 0 bias; the prefix joins K after any rotary embedding (EVA-02, RoPE ViTs), so it is
+not rotated; a view of the scores that keeps the key axis (Swin's shifted-window mask) reads the
+new key count. Every site is first tried on a copy of the graph (:func:`utdsl.probing.probe`): a
+region where the prefixed attention does not run is refused at compile time.
+
 Invariants: nodes outside the attention are untouched; the region's boundary is unchanged; the
 inserted nodes carry the site's module stack.
 """
@@ -24,6 +30,7 @@ from torch import nn
 from .attention import AttentionCall, find_attention
 from .joints import FULL
 from .plan import SITE_ANALYZERS, Insertion, SiteError
+from .probing import describe_node, probe
 from .resolve import Binding
 from .rewrite import INSERTERS, build_units, shared_module
 from .trace import Region, stack_up_to
@@ -79,6 +86,32 @@ def prefix_mask(mask, length: int, visible: bool = True, is_causal=False, query=
     return torch.cat([pad, mask], dim=-1)
 
 
+_RESHAPES = ("view", "reshape")
+
+
+def last_size(x: torch.Tensor) -> int:
+    """``x``'s last size: what a view of the scores that keeps the key axis asks for."""
+    return x.shape[-1]
+
+
+def _scores_views(call: AttentionCall) -> list[fx.Node]:
+    """The views and reshapes of the scores before the softmax; each must keep the key axis."""
+    views = []
+    for node in call.path:
+        if node.op == "call_method" and node.target in _RESHAPES:
+            before, after = _shape(node.args[0]), _shape(node)
+            if before is None or after is None or before[-1] != after[-1]:
+                raise SiteError(f"the attention scores are reshaped across the key axis at "
+                                 f"{describe_node(node)}; prefix keys cannot be joined")
+            views.append(node)
+    return views
+
+
+def _shape(node) -> tuple | None:
+    shape = getattr(getattr(node, "meta", {}).get("tensor_meta"), "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
 def _attention(found: Region, gm: fx.GraphModule) -> AttentionCall:
     calls = find_attention(found, dict(gm.named_modules()))
     if not calls:
@@ -91,6 +124,11 @@ def _attention(found: Region, gm: fx.GraphModule) -> AttentionCall:
     call = calls[0]
     if not call.num_heads:
         raise SiteError("the attention's values are not (batch, heads, tokens, head_dim)")
+    keys = _shape(call.keys.get())
+    key_dim = keys[-1 if call.key_axis == -2 else -2] if keys is not None and len(keys) == 4 else None
+    if key_dim != call.head_dim:
+        raise SiteError(f"the attention's keys have {key_dim} channels a head and its values "
+                         f"{call.head_dim}; the kv tuner gives keys and values of one width")
     return call
 
 
@@ -98,9 +136,41 @@ def analyze_prefix(binding: Binding, found: Region, module, gm: fx.GraphModule) 
     if binding.rule.selector.chunks is not None:
         raise SiteError("prefix keys and values join a whole attention; chunks do not apply")
     call = _attention(found, gm)
+    _scores_views(call)
     width = call.num_heads * call.head_dim
+    _try(gm, binding, call.num_heads, call.head_dim)
     extras = {"num_heads": call.num_heads, "head_dim": call.head_dim, "attention": call.kind}
     return SiteInfo(binding.path, width, width, extras), -1, -1
+
+
+class _ZeroKV(nn.Module):
+    def __init__(self, length: int, width: int):
+        super().__init__()
+        self.length, self.width = length, width
+
+    def forward(self):
+        zeros = torch.zeros(self.length, self.width, device="meta")
+        return zeros, zeros
+
+
+def _try(gm: fx.GraphModule, binding: Binding, heads: int, dim: int) -> None:
+    """Refuse a site whose attention does not run with prefix keys and values joined."""
+    length = binding.rule.args.length
+    target = "utdsl_probe_prefix"
+    modules = dict(gm.named_modules())
+
+    def edit(graph: fx.Graph, found: Region) -> dict:
+        (call,) = find_attention(found, modules)
+        _edit(graph, call, target, length, binding.path)
+        return {target: PrefixJoint({FULL: _ZeroKV(length, heads * dim)}, heads, dim)}
+
+    tried = probe(gm, binding.path, edit)
+    if tried.failed is not None:
+        first = str(tried.error).strip().split("\n")[0]
+        raise SiteError(f"the attention does not run with prefix keys joined: {describe_node(tried.failed)} "
+                         f"fails ({first})",
+                         "prefix needs keys and values (batch, heads, tokens, head_dim) that the scores "
+                         "product reads unchanged")
 
 
 def insert_prefix(gm: fx.GraphModule, insertion: Insertion, found: Region) -> None:
@@ -108,19 +178,29 @@ def insert_prefix(gm: fx.GraphModule, insertion: Insertion, found: Region) -> No
     joint = shared_module(gm, insertion.module_name, lambda: PrefixJoint(
         build_units(gm, insertion), call.num_heads, call.head_dim))
     gm.add_submodule(insertion.module_name, joint)
-    length = insertion.args.length
-    stack = stack_up_to(call.node, insertion.site)
+    _edit(gm.graph, call, insertion.module_name, insertion.args.length, insertion.site)
+
+
+def _edit(graph: fx.Graph, call: AttentionCall, target: str, length: int, site: str) -> None:
+    """Join the keys and values of ``target`` (a :class:`PrefixJoint`) to ``call``'s own."""
+    stack = stack_up_to(call.node, site)
 
     def before(node: fx.Node, op: str, target, args: tuple) -> fx.Node:
-        with gm.graph.inserting_before(node):
-            new = gm.graph.create_node(op, target, args)
+        with graph.inserting_before(node):
+            new = graph.create_node(op, target, args)
         new.meta["nn_module_stack"] = dict(stack)
         return new
 
     keys = call.keys.get()
-    call.keys.set(before(call.keys.node, "call_module", insertion.module_name, (keys, "keys", call.key_axis)))
-    call.values.set(before(call.values.node, "call_module", insertion.module_name,
-                           (call.values.get(), "values", -2)))
+    call.keys.set(before(call.keys.node, "call_module", target, (keys, "keys", call.key_axis)))
+    call.values.set(before(call.values.node, "call_module", target, (call.values.get(), "values", -2)))
+    for view in _scores_views(call):
+        scores = view.args[0]
+        size = before(view, "call_function", last_size, (scores,))
+        if len(view.args) == 2 and isinstance(view.args[1], (tuple, list)):
+            view.update_arg(1, (*view.args[1][:-1], size))
+        else:
+            view.update_arg(len(view.args) - 1, size)
     for mask in call.masks:
         value = mask.where.get()
         causal = call.is_causal.get(False) if call.is_causal is not None else False

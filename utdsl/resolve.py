@@ -9,7 +9,9 @@ Order and precedence (documented, tested):
 3. ``train``/``freeze`` apply in spec order to base parameters whose path, or an enclosing module
    path, the selector matches; the last statement that matches a parameter wins. Tuner parameters
    always train.
-A rule or ``train``/``freeze`` that matches nothing is an error naming the closest real paths.
+A rule or ``train``/``freeze`` that matches nothing is an error naming the closest real paths,
+except ``train``/``freeze`` of a role the model lacks (``train @classifier`` on a headless model),
+which warns: a library spec fits models with and without a classifier.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .errors import Diagnostic, SpecError, raise_if_any
+from .roles import role_paths
 from .selectors import generalize, matches
 from .syntax import Rule, Selector, Spec, Train
 
@@ -46,12 +49,13 @@ def resolve(spec: Spec, model: nn.Module) -> Bindings:
     """Bind every rule of ``spec`` to the modules of ``model``; raise one SpecError listing every
     selector that matches nothing."""
     module_paths = [name for name, _ in model.named_modules() if name]
+    roles = role_paths(model)
     diagnostics: list[Diagnostic] = []
     by_key: dict[tuple[str, str, str], Binding] = {}
     for order, rule in enumerate(spec.rules):
-        found = [path for path in module_paths if matches(rule.selector, path)]
+        found = [path for path in module_paths if matches(rule.selector, path, roles)]
         if not found:
-            diagnostics.append(_no_match(rule.selector, "module", module_paths))
+            diagnostics.append(_no_match(rule.selector, "module", module_paths, roles))
         for path in found:
             key = (path, rule.placement, rule.tuner.name)
             earlier = by_key.get(key)
@@ -61,28 +65,40 @@ def resolve(spec: Spec, model: nn.Module) -> Bindings:
                     f"(same placement and tuner); the later rule wins",
                     rule.span, severity="warning"))
             by_key[key] = Binding(rule, path, order)
-    trained = _trained_parameters(spec, model, diagnostics)
+    trained = _trained_parameters(spec, model, diagnostics, roles)
     diagnostics.sort(key=lambda d: (d.span.line, d.span.column) if d.span else (0, 0))
     raise_if_any(diagnostics, SpecError)
     bindings = sorted(by_key.values(), key=lambda b: (b.order, module_paths.index(b.path)))
     return Bindings(bindings, trained, _dedupe_warnings(diagnostics))
 
 
-def _trained_parameters(spec: Spec, model: nn.Module, diagnostics: list[Diagnostic]) -> list[str]:
+def _trained_parameters(spec: Spec, model: nn.Module, diagnostics: list[Diagnostic],
+                        roles: dict[str, tuple[str, ...]]) -> list[str]:
     names = [name for name, _ in model.named_parameters()]
     state = dict.fromkeys(names, False)
     for statement in spec.param_rules:
-        hit = [name for name in names if _selects_parameter(statement.selector, name)]
+        hit = [name for name in names if _selects_parameter(statement.selector, name, roles)]
         if not hit:
-            diagnostics.append(_no_match(statement.selector, "parameter", names))
+            missing = _missing_roles(statement.selector, roles)
+            if missing and len(missing) == len(statement.selector.paths):
+                verb = "train" if isinstance(statement, Train) else "freeze"
+                diagnostics.append(Diagnostic(
+                    f"the model has no {missing[0]} (a headless model?); '{verb} "
+                    f"{statement.selector}' does nothing", statement.selector.span, severity="warning"))
+            else:
+                diagnostics.append(_no_match(statement.selector, "parameter", names, roles))
         for name in hit:
             state[name] = isinstance(statement, Train)
     return [name for name, trains in state.items() if trains]
 
 
-def _selects_parameter(selector: Selector, name: str) -> bool:
+def _selects_parameter(selector: Selector, name: str, roles: dict[str, tuple[str, ...]]) -> bool:
     parts = name.split(".")
-    return any(matches(selector, ".".join(parts[:end])) for end in range(len(parts), 0, -1))
+    return any(matches(selector, ".".join(parts[:end]), roles) for end in range(len(parts), 0, -1))
+
+
+def _missing_roles(selector: Selector, roles: dict[str, tuple[str, ...]]) -> list[str]:
+    return [p.role for p in selector.paths if p.role is not None and not roles.get(p.role)]
 
 
 def closest_paths(text: str, paths: list[str], n: int = 3) -> list[str]:
@@ -98,9 +114,13 @@ def closest_paths(text: str, paths: list[str], n: int = 3) -> list[str]:
     return [f"{s} (e.g. {suffixes[s]})" if s != suffixes[s] else s for s in scored[:n]]
 
 
-def _no_match(selector: Selector, kind: str, paths: list[str]) -> Diagnostic:
+def _no_match(selector: Selector, kind: str, paths: list[str], roles: dict[str, tuple[str, ...]]) -> Diagnostic:
     text = " | ".join(str(p) for p in selector.paths)
-    hint = "closest real paths: " + ", ".join(closest_paths(text, paths))
+    missing = _missing_roles(selector, roles)
+    if missing:
+        hint = f"the model has no {missing[0]} (a headless model, or one utdsl.roles does not know)"
+    else:
+        hint = "closest real paths: " + ", ".join(closest_paths(text, paths))
     return Diagnostic(f"selector '{text}' matches no {kind} of the model", selector.span, hint)
 
 

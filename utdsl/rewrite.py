@@ -5,7 +5,9 @@ Each insertion registers its tuner module under ``Insertion.module_name`` (a tre
 base modules, so base weights keep their names) and adds nodes after the site's region, following
 the fx recipe: ``inserting_after``, ``call_module``, ``replace_all_uses_with``, then ``lint`` and
 ``recompile``. Regions are looked up again before every insertion and inserted nodes carry the
-site's module stack, so stacked and nested rules compose in plan order.
+site's module stack, so stacked and nested rules compose in plan order. At a module used
+functionally (its weight read by an ``F.linear``, see :func:`utdsl.trace.region`) the tuner goes
+after that call, and inserted nodes carry the site with the type ``FunctionalUse``.
 
 A tuner already registered at its insertion's ``module_name`` is reused rather than built again
 (:func:`shared_module`): ``compile`` rewrites the same plan into a model's train graph and its eval

@@ -3,25 +3,34 @@
 A path pattern matches a dotted path when its segments match a *suffix* of the path's segments
 on segment boundaries (``attn.qkv`` matches ``blocks.3.attn.qkv``), or the whole path when it is
 rooted (``^norm``). ``*`` is one segment, ``**`` any number (zero included), ``name[0:6]`` the
-segment ``name`` followed by one integer segment in the range, ``(a | b.c)`` any alternative.
+segment ``name`` followed by one integer segment in the range (``name[:2, 10:]``: in any of
+the listed ranges), ``(a | b.c)`` any alternative. ``@classifier.bias`` starts at the module(s)
+playing a role (:mod:`utdsl.roles`).
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Mapping
 
 from .syntax import GlobStar, Group, Name, Path, Segment, Selector, Star
 
 __all__ = ["matches", "matches_path", "generalize"]
 
 
-def matches(selector: Selector, dotted: str) -> bool:
-    """Whether any alternative of ``selector`` matches ``dotted``."""
+def matches(selector: Selector, dotted: str, roles: Mapping[str, tuple[str, ...]] | None = None) -> bool:
+    """Whether any alternative of ``selector`` matches ``dotted``. ``roles`` maps a role name to
+    the paths of the modules playing it in the model (:func:`utdsl.roles.role_paths`); a role
+    path matches nothing without it."""
     parts = tuple(dotted.split(".")) if dotted else ()
-    return any(matches_path(path, parts) for path in selector.paths)
+    return any(matches_path(path, parts, roles) for path in selector.paths)
 
 
-def matches_path(path: Path, parts: tuple[str, ...]) -> bool:
+def matches_path(path: Path, parts: tuple[str, ...], roles: Mapping[str, tuple[str, ...]] | None = None) -> bool:
+    if path.role is not None:
+        bases = [tuple(base.split(".")) for base in (roles or {}).get(path.role, ())]
+        return any(parts[:len(base)] == base and len(parts) in _ends(path.segments, parts, len(base))
+                   for base in bases)
     starts = (0,) if path.rooted else range(len(parts) + 1)
     return any(len(parts) in _ends(path.segments, parts, start) for start in starts)
 
@@ -47,11 +56,13 @@ def _segment_ends(segment: Segment, parts: tuple[str, ...], at: int) -> set[int]
     if at >= len(parts) or parts[at] != segment.text:
         return set()
     end = at + 1
-    for index in segment.indices:
-        if end >= len(parts) or not parts[end].isdigit() or not index.contains(int(parts[end])):
-            return set()
-        end += 1
-    return {end}
+    if not segment.indices:
+        return {end}
+    # `blocks[:2, 10:]`: one numeric segment in any of the listed ranges
+    if end >= len(parts) or not parts[end].isdigit():
+        return set()
+    number = int(parts[end])
+    return {end + 1} if any(index.contains(number) for index in segment.indices) else set()
 
 
 @lru_cache(maxsize=4096)

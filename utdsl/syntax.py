@@ -42,8 +42,9 @@ class IndexRange:
 
 @dataclass(frozen=True)
 class Name:
-    """A literal path segment (``attn``, ``0``), optionally followed by index ranges
-    (``blocks[0:6]`` is the segment ``blocks`` followed by one numeric segment in 0..5)."""
+    """A literal path segment (``attn``, ``0``), optionally followed by a list of index ranges
+    (``blocks[0:6]`` is the segment ``blocks`` followed by one numeric segment in 0..5;
+    ``blocks[:2, 10:]`` one numeric segment in either range)."""
 
     text: str
     span: Span
@@ -106,13 +107,18 @@ class Chunks:
 
 @dataclass(frozen=True)
 class Path:
-    """Dotted segments; matches any module path ending so unless ``rooted`` (written ``^a.b``)."""
+    """Dotted segments; matches any module path ending so unless ``rooted`` (written ``^a.b``).
+    With a ``role`` (written ``@classifier.bias``) the segments follow the module(s) playing that
+    role in the model (:data:`utdsl.roles.ROLES`)."""
 
     segments: tuple[Segment, ...]
     span: Span
     rooted: bool = False
+    role: str | None = None
 
     def __str__(self) -> str:
+        if self.role is not None:
+            return ".".join(["@" + self.role, *map(str, self.segments)])
         return ("^" if self.rooted else "") + ".".join(map(str, self.segments))
 
 

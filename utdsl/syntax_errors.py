@@ -244,7 +244,7 @@ CATALOG: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 _CLOSE = {"RPAR", "RSQB", "RBRACE"}
 _PAIRS = {"(": ")", "[": "]", "{": "}"}
-_WORDS = {"NAME": "a name", "INT": "an integer", "FLOAT": "a number", "STRING": "a string",
+_WORDS = {"NAME": "a name", "INT": "an integer", "FLOAT": "a number", "STRING": "a string", "ROLE": "a role (@classifier)",
           "_NL": "end of line", "$END": "end of input"}
 
 

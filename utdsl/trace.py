@@ -5,6 +5,11 @@ tuner can sit on any module, leaf or container: the region of module ``p`` is th
 ``nn_module_stack`` contains ``p``. Its boundary (the values flowing in and out) is where a
 placement attaches.
 
+A module that is never called but whose weight is used functionally (timm's EVA-02, BEiT and
+SwinV2 attention run ``F.linear(x, self.qkv.weight, qkv_bias)`` with a bias built from
+``q_bias``/``v_bias``) has the region of that call: its input is the call's data input, its output
+the call's result; the weight and the bias are part of the operation.
+
 ``forward``'s optional arguments (timm's ``attn_mask=None``, ``is_causal=False``) are traced as
 their defaults: the compiled model is called with its input alone, as a classifier is.
 """
@@ -12,14 +17,18 @@ their defaults: the compiled model is called with its input alone, as a classifi
 from __future__ import annotations
 
 import inspect
+import operator
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ModelError
 
-__all__ = ["trace", "trace_graph", "copy_model_attrs", "Region", "region", "module_path_of", "stack_up_to"]
+__all__ = ["trace", "trace_graph", "copy_model_attrs", "Region", "region", "module_path_of", "stack_up_to",
+           "FunctionalUse", "weight_calls"]
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
@@ -38,16 +47,38 @@ class BackboneTracer(fx.Tracer):
     def __init__(self) -> None:
         self._leaf_types, functions = _timm_notrace()
         super().__init__(autowrap_functions=functions)
+        self._through: set[int] = set()   # modules traced through a replacement forward
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if id(m) in self._through:
+            return False
         if self._leaf_types and isinstance(m, self._leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(self, m: nn.Module, forward, args: tuple, kwargs: dict):
+        """Trace ``m`` through the traceable forward :mod:`utdsl.backends` gives for it, if any
+        (``nn.MultiheadAttention``)."""
+        from .backends import traceable_forward
 
-def trace_graph(model: nn.Module) -> fx.Graph:
-    """Symbolically trace ``model`` in its current mode into a graph whose targets are ``model``'s
-    own qualified names."""
+        replacement = traceable_forward(m, args, kwargs)
+        if replacement is None:
+            return super().call_module(m, forward, args, kwargs)
+        self._through.add(id(m))
+        try:
+            return super().call_module(m, replacement, args, kwargs)
+        finally:
+            self._through.discard(id(m))
+
+
+def trace_graph(model: nn.Module, example_input=None) -> fx.Graph:
+    """Trace ``model`` in its current mode into a graph whose targets are ``model``'s own qualified
+    names: symbolically, or with ``torch.export`` on ``example_input`` for the models
+    :func:`utdsl.backends.uses_export` names (Hugging Face transformers)."""
+    from . import backends
+
+    if backends.uses_export(model):
+        return backends.export_graph(model, example_input)
     tracer = BackboneTracer()
     try:
         return tracer.trace(model, concrete_args=_optional_defaults(model) or None)
@@ -100,6 +131,7 @@ class Region:
     nodes: list[fx.Node]
     inputs: list[fx.Node]     # nodes outside the region used inside it (get_attr excluded)
     outputs: list[fx.Node]    # nodes inside the region used outside it
+    calls: int = 0            # functional uses of the module's weight (0: the module is called)
 
     @property
     def tensor_inputs(self) -> list[fx.Node]:
@@ -115,28 +147,92 @@ def _is_tensor(node: fx.Node) -> bool:
     return meta is not None and hasattr(meta, "shape")
 
 
+class FunctionalUse:
+    """The module type recorded in a node's stack for a site whose module is used functionally:
+    nodes inserted there carry the site's path without the module having been called."""
+
+
 def region(graph: fx.Graph, path: str) -> Region | None:
-    """The region of module ``path`` in ``graph``, or None if the module is never called."""
-    nodes = [n for n in graph.nodes if path in module_path_of(n)]
-    if not nodes:
+    """The region of module ``path`` in ``graph``, or None if the module is neither called nor its
+    weight used by a linear or convolution call. A module called by the forward has the region of
+    its calls (``calls == 0``); otherwise the region holds the functional calls of its weight
+    (:func:`weight_calls`) and the nodes inserted at the site since."""
+    tagged = [n for n in graph.nodes if path in module_path_of(n)]
+    if any(not _functional_entry(n, path) for n in tagged):
+        return _bounded(path, tagged, {}, calls=0)
+    data = weight_calls(graph, path)
+    if not data:
         return None
+    inside = set(data) | set(tagged)
+    return _bounded(path, [n for n in graph.nodes if n in inside], data, calls=len(data))
+
+
+def _bounded(path: str, nodes: list[fx.Node], data: dict[fx.Node, fx.Node], calls: int) -> Region:
+    """``nodes`` with their boundary; a node in ``data`` takes only its data input from outside."""
     inside = set(nodes)
     inputs: dict[fx.Node, None] = {}
     outputs: dict[fx.Node, None] = {}
     for node in nodes:
-        for arg in node.all_input_nodes:
+        for arg in ([data[node]] if node in data else node.all_input_nodes):
             if arg not in inside and arg.op != "get_attr":
                 inputs[arg] = None
         if any(user not in inside for user in node.users):
             outputs[node] = None
-    return Region(path, nodes, list(inputs), list(outputs))
+    return Region(path, nodes, list(inputs), list(outputs), calls)
+
+
+def _functional_entry(node: fx.Node, path: str) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(value[0] == path and value[1] is FunctionalUse for value in stack.values())
+
+
+#: function -> (argument names, data argument, weight argument, weight is transposed)
+_WEIGHT_OPS: dict = {
+    F.linear: (("input", "weight", "bias"), "input", "weight", False),
+    **{conv: (("input", "weight", "bias"), "input", "weight", False) for conv in (F.conv1d, F.conv2d, F.conv3d)},
+    torch.addmm: (("input", "mat1", "mat2"), "mat1", "mat2", True),
+    torch.matmul: (("input", "other"), "input", "other", True),
+    operator.matmul: (("input", "other"), "input", "other", True),
+}
+
+
+def weight_calls(graph: fx.Graph, path: str) -> dict[fx.Node, fx.Node]:
+    """Calls (``F.linear``, ``F.conv*d``, ``torch.addmm`` or ``x @ w.t()``) that use a parameter
+    of module ``path`` as their weight, each with its data input, in graph order."""
+    prefix = path + "."
+    weights = {n for n in graph.nodes if n.op == "get_attr" and isinstance(n.target, str)
+               and n.target.startswith(prefix) and "." not in n.target[len(prefix):]}
+    found: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        op = _WEIGHT_OPS.get(node.target) if node.op == "call_function" else None
+        if op is None:
+            continue
+        names, data_name, weight_name, transposed = op
+        values = dict(zip(names, node.args)) | dict(node.kwargs)
+        weight, data = values.get(weight_name), values.get(data_name)
+        if transposed and isinstance(weight, fx.Node) and _is_transpose(weight):
+            weight = weight.args[0]
+        if weight in weights and isinstance(data, fx.Node):
+            found[node] = data
+    return found
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target == "t":
+        return True
+    if node.op == "call_function" and node.target is torch.t:
+        return True
+    return node.op == "call_function" and node.target is getattr and node.args[1:] in (("T",), ("mT",))
 
 
 def stack_up_to(node: fx.Node, path: str) -> dict:
-    """``node``'s module stack truncated after ``path``: the stack of a node added *at* ``path``."""
+    """``node``'s module stack truncated after ``path``: the stack of a node added *at* ``path``.
+    When ``path`` is not on it (a module used functionally), ``path`` is appended with the type
+    :class:`FunctionalUse`, so that :func:`region` finds the added node at the site."""
     stack = {}
     for key, value in (node.meta.get("nn_module_stack") or {}).items():
         stack[key] = value
         if value[0] == path:
-            break
+            return stack
+    stack[path] = (path, FunctionalUse)
     return stack

@@ -39,13 +39,16 @@ def inspect_cmd(model: str = MODEL_OPT,
                 select: Optional[str] = typer.Option(None, "--select", help="Show only modules a selector matches."),
                 all_paths: bool = typer.Option(False, "--all", help="One row per module instead of per pattern.")) -> None:
     """List a model's module paths and kinds, to write selectors."""
+    from ..roles import role_paths
     from ..runtime.models import create_model
+    from ..selectors import matches
 
     net = create_model(model, device="meta")
     selector = _selector(select) if select else None
+    roles = role_paths(net)
     rows: "OrderedDict[tuple[str, str], list]" = OrderedDict()
     for path, module in net.named_modules():
-        if not path or (selector is not None and not _matches(selector, path)):
+        if not path or (selector is not None and not matches(selector, path, roles)):
             continue
         key = (path if all_paths else generalize(path), type(module).__name__)
         own = sum(p.numel() for p in module.parameters(recurse=False))
@@ -61,7 +64,8 @@ def inspect_cmd(model: str = MODEL_OPT,
 
 def compile_cmd(spec: str = SPEC_ARG, model: str = MODEL_OPT, sets: Optional[List[str]] = SET_OPT,
                 as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
-                emit: Optional[str] = typer.Option(None, "--emit", help="'code': print the compiled forward."),
+                emit: Optional[str] = typer.Option(None, "--emit", help="'code': print the compiled forward "
+                                                   "alone on stdout (the plan goes to stderr)."),
                 num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classifier size."),
                 verify: bool = typer.Option(False, "--verify", help="Build real weights and check identity at init.")) -> None:
     """Compile a spec into a model and print the plan: sites, tuners, parameters."""
@@ -77,19 +81,22 @@ def compile_cmd(spec: str = SPEC_ARG, model: str = MODEL_OPT, sets: Optional[Lis
     the_plan = tuned.meta["utdsl"].plan
     for warning in the_plan.warnings:
         err_console.print(warning.render(), markup=False, highlight=False, soft_wrap=True)
+    # with --emit code, stdout holds the code alone (``> file`` is Python) and the plan goes to
+    # stderr; console.out never wraps, so JSON and code survive any terminal width
+    plan_console = err_console if emit == "code" else console
     if as_json:
-        console.print_json(the_plan.to_json())
+        plan_console.out(the_plan.to_json(), highlight=False)
     else:
-        console.print(plan_table(the_plan, f"{checked.name or spec} on {model}"))
-        console.print(plan_summary(the_plan), markup=False, soft_wrap=True)
+        plan_console.print(plan_table(the_plan, f"{checked.name or spec} on {model}"))
+        plan_console.print(plan_summary(the_plan), markup=False, soft_wrap=True)
     if emit == "code":
-        console.print(tuned.code, markup=False, highlight=False)
+        console.out(tuned.code, highlight=False)
     if verify:
         from ..compiler import default_example_input
 
         report = run_verify(net, tuned, default_example_input(net, batch=1))
         for line in report.lines():
-            console.print(line, markup=False, soft_wrap=True)
+            plan_console.print(line, markup=False, soft_wrap=True)
         if not report.ok:
             raise UtdslError("verification failed: " + "; ".join(report.lines()))
 
@@ -144,12 +151,6 @@ def _selector(text: str):
 
     spec = parse(f"train {text}")
     return spec.param_rules[0].selector
-
-
-def _matches(selector, path: str) -> bool:
-    from ..selectors import matches
-
-    return matches(selector, path)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,9 @@
-"""``lowrank``: LoRA (Hu et al., 2021). U(x) = (alpha / r) * B(A(dropout(x))), B zero at init."""
+"""``lowrank``: LoRA (Hu et al., 2021). U(x) = (alpha / r) * B(A(dropout(x))), B zero at init.
+
+On a site that is one ``nn.Conv2d`` call the update is conv-shaped, as peft's LoRA ``Conv2d``:
+A is a conv with the site's kernel, stride, padding and dilation to r channels, B a 1x1 conv
+(:class:`ConvLowRank`), so strided and downsampling convs take LoRA too and ΔW = B ∘ A folds
+into the conv's weight."""
 
 from __future__ import annotations
 
@@ -26,7 +31,9 @@ class LowRank(Tuner):
     Args = LowRankArgs
     placements = frozenset({"parallel"})
     mergeable = frozenset({"parallel"})
-    summary = "LoRA: low-rank update B·A scaled by alpha/r; zero at init, mergeable into a linear"
+    summary = "LoRA: low-rank update B·A scaled by alpha/r; zero at init, mergeable into a linear or conv"
+    #: on a Conv2d site (``site.extras["conv"]``) it builds a :class:`ConvLowRank`
+    conv_sites = True
 
     def __init__(self, in_features: int, out_features: int, args: LowRankArgs):
         super().__init__()
@@ -41,8 +48,13 @@ class LowRank(Tuner):
         nn.init.zeros_(self.up.weight)
 
     @classmethod
-    def build(cls, args: LowRankArgs, site: SiteInfo) -> "LowRank":
-        return cls(site.in_features, site.out_features, args)
+    def build(cls, args: LowRankArgs, site: SiteInfo) -> "LowRank | ConvLowRank":
+        conv = site.extras.get("conv")
+        if conv is None:
+            return cls(site.in_features, site.out_features, args)
+        if "chunk_size" in site.extras:
+            raise ValueError("a conv site's output cannot be split into chunks")
+        return ConvLowRank(site.in_features, site.out_features, conv, args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # scaling the r-wide bottleneck, not the output, saves a pass over the output
@@ -69,3 +81,33 @@ class LowRank(Tuner):
     def merge_delta(self) -> torch.Tensor:
         """ΔW (out, in) to add to the tuned linear's weight."""
         return (self.up.weight @ self.down.weight) * self.scaling
+
+
+class ConvLowRank(nn.Module):
+    """LoRA on a Conv2d (peft's formula): U(x) = (alpha / r) * up(down(dropout(x))) with down a
+    conv in -> r of the site's kernel, stride, padding and dilation (groups 1, no bias) and up a
+    1x1 conv r -> out, zero at init. Works on the site's own NCHW layout (``native_layout``)."""
+
+    native_layout = True
+
+    def __init__(self, in_channels: int, out_channels: int, conv: dict, args: LowRankArgs):
+        super().__init__()
+        self.down = nn.Conv2d(in_channels, args.r, conv["kernel_size"], conv["stride"], conv["padding"],
+                              conv["dilation"], bias=False, padding_mode=conv.get("padding_mode", "zeros"))
+        self.up = nn.Conv2d(args.r, out_channels, 1, bias=False)
+        self.dropout = nn.Dropout(args.dropout) if args.dropout else nn.Identity()
+        self.scaling = (args.alpha if args.alpha is not None else args.r) / args.r
+        if args.init == "kaiming":
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.down.weight, std=1.0 / args.r)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(self.dropout(x)) * self.scaling)
+
+    def merge_delta(self) -> torch.Tensor:
+        """ΔW (out, in, kh, kw) to add to the tuned conv's weight (a conv with groups=1)."""
+        down = self.down.weight
+        delta = self.up.weight.flatten(1) @ down.flatten(1)
+        return delta.view(-1, *down.shape[1:]) * self.scaling
