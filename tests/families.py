@@ -87,6 +87,51 @@ FAMILIES: dict[str, Family] = {
                                          prompt="blocks.*", prefix="blocks.*.attn")),
 }
 
+
+
+def _torchvision(name: str, **kwargs) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(num_classes=5, **kwargs)
+    return build
+
+
+def _transformers(model: str, config: str, **kwargs) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers
+
+        options = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+        return getattr(transformers, model)(getattr(transformers, config)(**{**options, **kwargs}))
+    return build
+
+
+def _hf_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+_HF_SITES = dict(lowrank="attention.q_proj | attention.v_proj", adapter="mlp", affine="q_proj | v_proj",
+                 prompt="layers.* | layer.*", prefix="layers.*.attention | layer.*.attention")
+
+FAMILIES.update({
+    "tv_vit": Family(_torchvision("VisionTransformer", image_size=32, patch_size=16, num_layers=2, num_heads=2,
+                                  hidden_dim=64, mlp_dim=128), (2, 3, 32, 32),
+                     dict(lowrank="self_attention.in_proj{q, v}", adapter="encoder.layers.*",
+                          affine="self_attention.in_proj | ln_1", prompt="encoder.layers.*",
+                          prefix="self_attention"), extra="torchvision"),
+    "tv_resnet": Family(_torchvision("resnet18"), (2, 3, 64, 64),
+                        dict(lowrank="layer1.*.conv1 | layer2.0.conv1 | downsample.0", adapter="layer1.* | layer2.*",
+                             affine="bn1 | bn2", prompt="layer1.*", prefix="layer1.*"), extra="torchvision"),
+    "hf_vit": Family(_transformers("ViTForImageClassification", "ViTConfig", image_size=32, patch_size=16,
+                                   num_labels=5), (2, 3, 32, 32), _HF_SITES, extra="transformers", call=_hf_output),
+    "hf_dinov2": Family(_transformers("Dinov2Model", "Dinov2Config", image_size=28, patch_size=14), (2, 3, 28, 28),
+                        dict(_HF_SITES, prefix="encoder.layer.*.attention"), extra="transformers", call=_hf_output),
+    "hf_clip_vision": Family(_transformers("CLIPVisionModel", "CLIPVisionConfig", image_size=32, patch_size=16),
+                             (2, 3, 32, 32), dict(_HF_SITES, lowrank="self_attn.q_proj | self_attn.v_proj",
+                                                  prefix="self_attn"), extra="transformers", call=_hf_output),
+})
+
 #: spec of each column on a family's sites
 _RULES = {
     "lowrank": "{lowrank} -> parallel lowrank(r=4)",
