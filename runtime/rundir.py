@@ -12,7 +12,8 @@ RUN/
 
 Every file is written atomically (a temporary file in the same directory, fsync, ``os.replace``),
 so a run killed at any moment leaves the previous complete version. The resume state is one
-safetensors file, so its parts always agree: the trainable parameters (``param.NAME``), the
+safetensors file, so its parts always agree: the trainable parameters (``param.NAME``), the norm
+layers' running statistics (``buffer.NAME``, which train mode updates), the
 optimizer's tensors (``optim.INDEX.KEY``), and as JSON metadata the loop position (epoch, batch
 within it, optimizer step), the best result so far and the optimizer's non-tensor values. The
 learning rate is a function of the step and random numbers a function of (seed, rank, epoch,
@@ -32,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from utdsl.checkpoint import running_statistics
 from utdsl.errors import CheckpointError
 from utdsl.files import atomic_write
 
@@ -131,6 +133,8 @@ class RunDir:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         tensors = {f"param.{n}": p.detach().cpu().clone().contiguous()
                    for n, p in model.named_parameters() if p.requires_grad}
+        tensors.update({f"buffer.{n}": b.detach().cpu().clone().contiguous()
+                        for n, b in running_statistics(model).items()})
         plain: dict[str, dict[str, Any]] = {}
         for index, values in optimizer.state_dict()["state"].items():
             for key, value in values.items():
@@ -168,6 +172,9 @@ class RunDir:
                     raise CheckpointError(f"{self.state_path}: '{name}' has shape {tuple(saved.shape)}, "
                                           f"the model's is {tuple(params[name].shape)}")
                 params[name].copy_(saved)
+            for name, buffer in running_statistics(model).items():
+                if f"buffer.{name}" in tensors:
+                    buffer.copy_(tensors[f"buffer.{name}"])
         groups: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             if key.startswith("optim."):

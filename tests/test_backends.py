@@ -106,7 +106,7 @@ class _Masked(nn.Module):
 def test_masked_multihead_attention_stays_a_leaf_and_in_proj_is_a_clear_error():
     model = _Masked().eval()
     assert any(n.op == "call_module" and n.target == "attn" for n in trace(model).graph.nodes)
-    with pytest.raises(SpecError, match="never called"):
+    with pytest.raises(SpecError, match="runs inside 'attn' \\(MultiheadAttention\\)"):
         utdsl.compile("attn.in_proj -> parallel lowrank(r=2)", model, torch.randn(2, 5, 16))
 
 
@@ -186,3 +186,42 @@ def test_hf_backbones(tmp_path, family):
     spec = f"{attention}.{q} | {attention}.{v} | mlp.fc1 -> parallel lowrank(r=4)"
     tuned = _check(model, spec, torch.randn(2, 3, 32, 32), tmp_path, merge=True)
     assert tuned.num_prefix_tokens == tokens
+
+
+# --- models torch.fx cannot trace symbolically: torch.export instead ----------------------------
+
+class _ShapeMath(nn.Module):
+    """Control flow on a size, which torch.fx cannot trace (a Proxy has no truth value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.shape[1] % 4:
+            x = nn.functional.pad(x, (0, 0, 0, 4 - x.shape[1] % 4))
+        return self.out(self.fc(x).mean(1))
+
+
+def test_a_model_fx_cannot_trace_is_exported_instead():
+    torch.manual_seed(0)
+    model, x = _ShapeMath().eval(), torch.randn(2, 6, 8)
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)
+    tuned = utdsl.compile("fc -> parallel lowrank(r=2)\ntrain out", model, x)
+    assert tuned.meta["utdsl_backend"] == "export"
+    assert torch.equal(tuned(x), model(x))
+    assert utdsl.trainable_parameters(tuned) == 2 * 8 + 8 * 2 + 3 * 8 + 3
+
+
+def test_a_site_inside_a_block_fx_keeps_whole_is_reached_through_export():
+    import timm
+
+    torch.manual_seed(0)
+    model, x = timm.create_model("mobilevit_xxs", num_classes=3).eval(), torch.randn(2, 3, 64, 64)
+    tuned = utdsl.compile("transformer.*.attn.qkv{q, v} -> parallel lowrank(r=2)", model, x)
+    insertions = tuned.meta["utdsl"].plan.insertions
+    assert [i.site for i in insertions][0] == "stages.2.1.transformer.0.attn.qkv" and len(insertions) == 9
+    assert torch.equal(tuned(x), model(x))
+    assert tuned(torch.randn(3, 3, 64, 64)).shape == (3, 3)   # the batch stays free

@@ -72,3 +72,21 @@ def test_checkpoint_without_arguments_still_loads(tmp_path, images):
     torch.testing.assert_close(fresh(images), tuned(images), rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="its tuners sit elsewhere"):  # sites are still checked
         utdsl.load_tuners(utdsl.compile("blocks.*.mlp.fc2 -> parallel lowrank(r=4)", tiny_vit()), old)
+
+
+def test_batch_norm_statistics_updated_in_training_travel_with_the_checkpoint(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    base = timm.create_model("resnet10t", num_classes=3).eval()
+    spec = "layer1.*.conv1 -> parallel lowrank(r=2)\ntrain @classifier"
+    x = torch.randn(4, 3, 32, 32)
+    trained = utdsl.compile(spec, base, x).train()
+    trained(x * 3 + 1)                     # a train-mode step moves every running mean and variance
+    path = utdsl.save_tuners(trained, tmp_path / "t.safetensors")
+    assert "bn1.running_mean" in load_file(str(path))
+    fresh = utdsl.compile(spec, base, x)
+    utdsl.load_tuners(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), trained.eval()(x))
+        assert not torch.equal(base(x), trained(x))   # the statistics did move

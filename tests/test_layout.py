@@ -207,6 +207,7 @@ def test_lowrank_on_a_grouped_conv_runs_and_stays_unmerged():
     model = OneConv(nn.Conv2d(4, 8, 3, padding=1, groups=4)).eval()
     tuned = utdsl.compile("conv -> parallel lowrank(r=2)", model, torch.randn(1, 4, 6, 6))
     assert utdsl.trainable_parameters(tuned) == 4 * 2 * 9 + 2 * 8
+    assert [i.mergeable for i in tuned.meta["utdsl"].plan.insertions] == [False]   # the plan says so too
     with torch.no_grad():
         for name, p in tuned.named_parameters():
             if name.startswith("tuners."):

@@ -78,13 +78,31 @@ def _shown(value: Any) -> str:
     return "absent" if value is _ABSENT else repr(value)
 
 
+def running_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers that a training step changes though nothing trains them: the running mean,
+    variance and batch count of every norm layer that tracks them (a CNN's batch norms update
+    them in train mode). A checkpoint without them would evaluate with other statistics."""
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(module, _TRACKING_NORMS) and module.track_running_stats:
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None:
+                    found[f"{path}.{name}" if path else name] = buffer
+    return found
+
+
+_TRACKING_NORMS = (nn.modules.batchnorm._NormBase,)
+
+
 def save_tuners(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Save every parameter of ``model`` that requires grad (tuners and ``train``ed base
-    parameters) with the spec and model in the metadata. Returns the path written."""
+    parameters) and the norm layers' running statistics (:func:`running_statistics`), with the
+    spec and model in the metadata. Returns the path written."""
     from . import __version__
 
     info = compiled_info(model)
     tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    tensors.update(running_statistics(model))
     meta = {
         "format": FORMAT,
         "utdsl_version": __version__,
@@ -129,6 +147,9 @@ def load_tuners(model: nn.Module, path: str | os.PathLike, *, strict_model: bool
     _check_plan(path, meta, model)
     tensors = load_file(str(path))
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    statistics = running_statistics(model)
+    if any(name in tensors for name in statistics):   # checkpoints written before them hold none
+        params.update(statistics)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise CheckpointError(f"checkpoint '{path}' does not fit this model: "

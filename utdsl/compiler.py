@@ -23,6 +23,7 @@ from . import prefixing, prompting  # noqa: F401  (registers the prompt and pref
 from . import backends
 from .errors import ModelError
 from .modes import ModalGraphModule, trace_modes
+from .trace import leaf_enclosing
 from .plan import Plan, plan as make_plan, propagate_shapes
 from .resolve import resolve
 from .rewrite import rewrite
@@ -123,6 +124,8 @@ def compile(spec: Spec | str | os.PathLike, model: nn.Module, example_input: tor
     bindings = resolve(spec, base)
     example = example_input if example_input is not None else default_example_input(base)
     gm = trace_modes(base, example)
+    if not backends.fixed_token_count(gm) and _sites_in_opaque_blocks(gm, base, bindings):
+        gm = _export_or_keep(base, example, gm)
     namespace = _namespace(base)
     gm.select_graph(False)
     planned = gm.graph
@@ -139,6 +142,26 @@ def compile(spec: Spec | str | os.PathLike, model: nn.Module, example_input: tor
     gm.meta["utdsl"] = CompiledInfo(spec, the_plan, model_name or model_name_of(model), namespace)
     gm.train(model.training)
     return gm
+
+
+def _sites_in_opaque_blocks(gm: ModalGraphModule, base: nn.Module, bindings) -> bool:
+    """Whether a bound site lies inside a module the symbolic trace keeps whole that is not one of
+    torch.nn's own (those are leaves by design; their insides are parameters, not modules)."""
+    for binding in bindings.bindings:
+        leaf = leaf_enclosing(gm.graph, binding.path)
+        if leaf is not None and not type(base.get_submodule(leaf)).__module__.startswith("torch.nn"):
+            return True
+    return False
+
+
+def _export_or_keep(base: nn.Module, example: torch.Tensor, traced: ModalGraphModule) -> ModalGraphModule:
+    """A site lies inside a module torch.fx keeps as one opaque call (timm's not-traceable blocks,
+    e.g. MobileViT's): trace by torch.export, which records every module's operations. If export
+    fails too, keep the symbolic trace; ``plan`` then names the enclosing module."""
+    try:
+        return trace_modes(base, example, route="export")
+    except ModelError:
+        return traced
 
 
 def _as_checked_spec(spec, overrides) -> Spec:

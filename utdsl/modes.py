@@ -147,16 +147,17 @@ def _has_attr(module: nn.Module, target: str) -> bool:
     return True
 
 
-def trace_modes(model: nn.Module, example_input=None) -> ModalGraphModule:
+def trace_modes(model: nn.Module, example_input=None, route: str = "auto") -> ModalGraphModule:
     """Trace ``model`` in train and in eval mode into one :class:`ModalGraphModule` (one graph when
     the traces are the same). ``model``'s mode is restored; the result starts in that mode.
-    ``example_input`` is used only by backends that trace on a real input (torch.export)."""
+    ``example_input`` is used only by backends that trace on a real input (torch.export);
+    ``route`` is :func:`~utdsl.trace.trace_graph`'s."""
     was_training = model.training
     graphs: dict[bool, fx.Graph] = {}
     try:
         for mode in (True, False):
             model.train(mode)
-            graphs[mode] = trace_graph(model, example_input)
+            graphs[mode] = trace_graph(model, example_input, route)
     finally:
         model.train(was_training)
     if _code(graphs[True]) == _code(graphs[False]):

@@ -24,7 +24,7 @@ from .errors import Diagnostic, ModelError, SpecError, raise_if_any
 from .layout import channel_axis, probe_layouts
 from .resolve import Binding, Bindings
 from .syntax import Chunks
-from .trace import Region, region
+from .trace import Region, leaf_enclosing, region
 from .tuners import SiteInfo, TunerArgs
 
 __all__ = ["Insertion", "Plan", "plan", "propagate_shapes", "probe_layouts", "channel_axis", "SITE_ANALYZERS"]
@@ -165,10 +165,11 @@ def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: st
     tuner_cls = tuners.get(rule.tuner.name)
     found = region(gm.graph, binding.path)
     if found is None:
-        leaf = _enclosing_leaf(gm, binding.path, modules)
-        if leaf is not None:
+        leaf = leaf_enclosing(gm.graph, binding.path)
+        if leaf is not None and leaf in modules:
             raise SiteError(f"this module runs inside '{leaf}' ({type(modules[leaf]).__name__}), which the "
-                             "tracer keeps as one opaque call (timm registers it as not traceable)",
+                             "tracer keeps as one opaque call (torch.nn's own modules and those timm registers as not "
+                             "traceable are not traced into)",
                              f"tune '{leaf}' itself, or a module outside it")
         raise SiteError("this module is never called by the model's forward",
                          "select a module that the forward pass uses (see `utdsl inspect`)")
@@ -192,20 +193,10 @@ def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: st
         site=binding.path, placement=rule.placement, tuner=rule.tuner.name, args=rule.args,
         chunks=rule.selector.chunks, info=info, in_axis=in_axis, out_axis=out_axis,
         params=per_unit * units, identity_at_init=tuner_cls.identity_at_init(rule.args),
-        mergeable=rule.placement in tuner_cls.mergeable, rule_line=rule.span.line,
+        mergeable=rule.placement in tuner_cls.mergeable and info.extras.get("conv", {}).get("groups", 1) == 1,
+        rule_line=rule.span.line,
         module_name=f"{namespace}.{binding.path}.{rule.placement}_{rule.tuner.name}",
     )
-
-
-def _enclosing_leaf(gm: fx.GraphModule, path: str, modules: dict) -> str | None:
-    """The innermost module enclosing ``path`` that the graph calls as a leaf, if any."""
-    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    parts = path.split(".")
-    for end in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:end])
-        if prefix in called and prefix in modules:
-            return prefix
-    return None
 
 
 def _shape(node: fx.Node) -> tuple[int, ...]:

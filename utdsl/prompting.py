@@ -88,7 +88,8 @@ def analyze_prompt(binding: Binding, found: Region, module, gm: fx.GraphModule) 
         raise SiteError("prompt tokens join a whole token sequence; chunks do not apply")
     if fixed_token_count(gm):
         raise SiteError("prompt adds tokens, but this model was traced by torch.export, which fixes "
-                         "the token count (Hugging Face models)",
+                         "the token count (Hugging Face models, and models torch.fx cannot trace "
+                         "into at the selected sites)",
                          "use prefix, parallel or sequential tuners on this model")
     x, y = _boundary(found)
     in_shape, out_shape = _tokens_shape(x, "input"), _tokens_shape(y, "output")

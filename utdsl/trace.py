@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import ModelError
 
-__all__ = ["trace", "trace_graph", "copy_model_attrs", "Region", "region", "module_path_of", "stack_up_to",
+__all__ = ["leaf_enclosing", "trace", "trace_graph", "copy_model_attrs", "Region", "region", "module_path_of", "stack_up_to",
            "FunctionalUse", "weight_calls"]
 
 
@@ -71,23 +71,43 @@ class BackboneTracer(fx.Tracer):
             self._through.discard(id(m))
 
 
-def trace_graph(model: nn.Module, example_input=None) -> fx.Graph:
+def trace_graph(model: nn.Module, example_input=None, route: str = "auto") -> fx.Graph:
     """Trace ``model`` in its current mode into a graph whose targets are ``model``'s own qualified
-    names: symbolically, or with ``torch.export`` on ``example_input`` for the models
-    :func:`utdsl.backends.uses_export` names (Hugging Face transformers)."""
+    names. ``route``: ``"fx"`` traces symbolically; ``"export"`` runs ``torch.export`` on
+    ``example_input`` (every size but the batch then fixed); ``"auto"`` exports the models
+    :func:`utdsl.backends.uses_export` names (Hugging Face transformers) and the models torch.fx
+    cannot trace (control flow on tensor values), and traces the rest symbolically."""
     from . import backends
 
-    if backends.uses_export(model):
+    if route == "export" or (route == "auto" and backends.uses_export(model)):
         return backends.export_graph(model, example_input)
     tracer = BackboneTracer()
     try:
         return tracer.trace(model, concrete_args=_optional_defaults(model) or None)
     except Exception as error:  # fx raises TraceError, TypeError, RuntimeError... from user code
+        fx_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if route == "auto" and example_input is not None:
+            try:
+                return backends.export_graph(model, example_input)
+            except ModelError as export_error:
+                fx_error += f"; torch.export: {export_error.diagnostics[0].message}"
         raise ModelError(
-            f"{type(model).__name__} cannot be traced by torch.fx: {type(error).__name__}: {error}",
+            f"{type(model).__name__} cannot be traced by torch.fx: {fx_error}",
             hint="control flow on tensor values is not traceable; register such a function with "
                  "timm.layers.register_notrace_function or the module with register_notrace_module",
         ) from error
+
+
+def leaf_enclosing(graph: fx.Graph, path: str) -> str | None:
+    """The innermost module enclosing ``path`` that ``graph`` calls as one opaque leaf, if any: a
+    site inside it has no nodes of its own."""
+    called = {n.target for n in graph.nodes if n.op == "call_module"}
+    parts = path.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in called:
+            return prefix
+    return None
 
 
 def _optional_defaults(model: nn.Module) -> dict[str, object]:

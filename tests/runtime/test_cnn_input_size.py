@@ -40,8 +40,6 @@ def test_train_a_cnn_at_another_input_size(run):
     assert sorted(lowrank.values()) == [(2, 64, 3, 3), (128, 2, 1, 1)]  # conv-shaped: 3x3 stride 2 down, 1x1 up
 
 
-@pytest.mark.xfail(strict=True, reason="BatchNorm running statistics change while training (train mode) but a "
-                                       "checkpoint holds only what trains, so eval rebuilds other statistics")
 def test_eval_of_a_cnn_run_reproduces_its_accuracy(run, cli):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     (epoch,) = [r for r in rows if r["kind"] == "epoch"]
