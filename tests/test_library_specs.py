@@ -82,3 +82,36 @@ def test_list_shows_every_spec_with_its_description_and_parameters(capsys):
     for name, expected in TOKEN_LEVEL.items():
         row = next(line for line in out.splitlines() if line.startswith(f"│ {name} "))
         assert row.rstrip(" │").endswith(f"{expected:,}"), row
+
+
+# lora / ia3 / ssf on families that use their weights functionally (BEiT, SwinV2: F.linear on
+# qkv.weight) or split q, k, v and gate the MLP (EVA-02 base: q_proj, k_proj, v_proj, fc1_g, fc1_x)
+FAMILY_COUNTS = {
+    # 12 x 2 x 8 x (768 + 768); 12 x (768 k + 768 v + 2,048 SwiGLU hidden);
+    # 12 x 2 x (4 x 768 + 2 x 2,048 + 768 + 2 x 768) + patch embed 1,536 + final norm 1,536
+    "eva02_base_patch14_224": {"lora": 294_912, "ia3": 43_008, "ssf": 230_400},
+    "beit_base_patch16_224": {"lora": 294_912, "ia3": 55_296, "ssf": 205_824},
+    # blocks (2, 2, 6, 2) of C = 96, 192, 384, 768 (sum of C over blocks: 4,416): 32 C, 6 C, 22 C
+    # per block; ssf adds patch embed 2 x 96 and the final norm 2 x 768
+    "swinv2_tiny_window8_256": {"lora": 141_312, "ia3": 26_496, "ssf": 98_880},
+}
+
+
+@pytest.mark.parametrize("model, spec", [(m, s) for m in FAMILY_COUNTS for s in ("lora", "ia3", "ssf")])
+def test_lora_ia3_ssf_counts_on_eva02_beit_swinv2(model, spec):
+    assert trainable_without_head(utdsl.compile(spec, meta_model(model))) == FAMILY_COUNTS[model][spec]
+
+
+@pytest.mark.parametrize("spec", ["lora", "ia3", "ssf"])
+def test_lora_ia3_ssf_are_the_identity_at_init_on_eva02_with_split_projections(spec):
+    import timm
+
+    torch.manual_seed(0)
+    base = timm.create_model("eva02_base_patch14_224", img_size=28, depth=1, embed_dim=64, num_heads=2,
+                             num_classes=3).eval()
+    x = torch.randn(2, 3, 28, 28)
+    tuned = utdsl.compile(spec, base, x)
+    assert {i.site.rsplit(".", 1)[-1] for i in tuned.meta["utdsl"].plan.insertions} >= (
+        {"q_proj", "v_proj"} if spec == "lora" else {"k_proj", "v_proj"})
+    report = verify(base, tuned, x)
+    assert report.ok and report.max_abs_diff == 0.0, report.lines()

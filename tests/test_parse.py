@@ -36,8 +36,8 @@ def one(i):
     return ("IndexRange", i, None, True)
 
 
-def path(*segments, rooted=False, role=None):
-    return ("Path", tuple(segments), rooted, role)
+def path(*segments, rooted=False, role=None, chunks=None):
+    return ("Path", tuple(segments), rooted, role, chunks)
 
 
 def group(*paths):
@@ -45,7 +45,10 @@ def group(*paths):
 
 
 def sel(*paths, chunks=None):
-    return ("Selector", tuple(paths), chunks)
+    """A selector; ``chunks`` belong to its last path."""
+    if chunks is not None:
+        paths = (*paths[:-1], (*paths[-1][:-1], chunks))
+    return ("Selector", tuple(paths))
 
 
 STAR, GLOB = ("Star",), ("GlobStar",)
@@ -81,6 +84,8 @@ SELECTORS = [
     ("mlp.fc1{0, 2 of 4}", sel(path(n("mlp"), n("fc1")), chunks=("Chunks", ("0", "2"), (0, 2), 4))),
     ("attn.qkv{q, v of 3}", sel(path(n("attn"), n("qkv")), chunks=("Chunks", ("q", "v"), (0, 2), 3))),
     ("a | b{v}", sel(path(n("a")), path(n("b")), chunks=("Chunks", ("v",), (2,), 3))),
+    ("a{q, v} | b | c{0 of 2}", sel(path(n("a"), chunks=("Chunks", ("q", "v"), (0, 2), 3)), path(n("b")),
+                                    path(n("c"), chunks=("Chunks", ("0",), (0,), 2)))),
     # keywords are names inside a selector
     ("blocks.train.use", sel(path(n("blocks"), n("train"), n("use")))),
     ("true.false.of", sel(path(n("true"), n("false"), n("of")))),
@@ -238,7 +243,7 @@ def test_rule_spans_are_exact():
     assert at(rule.selector.span) == (2, 1, 2, 15)
     assert at(rule.selector.paths[0].span) == (2, 1, 2, 9)
     assert at(rule.selector.paths[0].segments[1].span) == (2, 6, 2, 9)
-    assert at(rule.selector.chunks.span) == (2, 9, 2, 15)
+    assert at(rule.selector.paths[0].chunks.span) == (2, 9, 2, 15)
     assert at(rule.placement_span) == (2, 19, 2, 27)
     assert at(rule.tuner.span) == (2, 28, 3, 17)
     assert at(rule.tuner.name_span) == (2, 28, 2, 35)
@@ -261,7 +266,7 @@ def test_selector_and_use_spans():
 
 def test_numeric_chunks_without_count_parse_with_count_zero():
     (train,) = parse("train x{0, 2}").statements
-    assert train.selector.chunks.count == 0  # check reports it
+    assert train.selector.paths[0].chunks.count == 0  # check reports it
 
 
 def test_parse_is_fast_once_the_parser_is_built():

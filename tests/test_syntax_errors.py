@@ -155,9 +155,8 @@ CATALOG_CASES = [
     ('attn.qkv{of 3} -> parallel lowrank', 1, 13, "unexpected '3'"),
     ('attn.qkv{"q"} -> parallel lowrank', 1, 10, 'unexpected string "q"'),
     ('attn.qkv{0, 2 of x} -> parallel lowrank', 1, 18, "unexpected 'x'"),
-    # chunks come last, after every path: 'a | b{q, v}'
+    # chunks end a path: 'a.qkv{q, v} | b'
     ('attn.qkv{q}.x -> parallel lowrank', 1, 12, "unexpected '.'"),
-    ('attn.qkv{q} | b -> parallel lowrank', 1, 13, "unexpected '|'"),
     ('attn.qkv{q}{v} -> parallel lowrank', 1, 12, "unexpected '{'"),
     # 'spec' takes a name and a quoted description, e.g. spec lora "LoRA on q and v"
     ('spec "lora"', 1, 6, 'unexpected string "lora"'),

@@ -237,8 +237,8 @@ class _Checker:
                 self.error(f"unknown role '@{path.role}'", path.span,
                            did_you_mean("@" + path.role, known) or f"the roles are {', '.join(known)}")
             self.path_segments(path.segments)
-        if selector.chunks is not None:
-            self.chunks(selector.chunks)
+            if path.chunks is not None:
+                self.chunks(path.chunks)
 
     def path_segments(self, segments) -> None:
         for segment in segments:

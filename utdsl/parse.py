@@ -19,6 +19,7 @@ import functools
 from importlib import resources
 from typing import Iterator
 
+from dataclasses import replace
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedInput, VisitError
 
@@ -158,9 +159,13 @@ class _Build(Transformer):
 
     # selectors
     def selector(self, meta, children):
-        chunks = children[-1] if isinstance(children[-1], ast.Chunks) else None
-        paths = tuple(c for c in children if isinstance(c, ast.Path))
-        return ast.Selector(paths, self._span(meta), chunks)
+        paths: list[ast.Path] = []
+        for child in children:
+            if isinstance(child, ast.Chunks):
+                paths[-1] = replace(paths[-1], chunks=child)
+            else:
+                paths.append(child)
+        return ast.Selector(tuple(paths), self._span(meta))
 
     def path(self, meta, children):
         rooted = isinstance(children[0], Token) and children[0].type == "ROOT"

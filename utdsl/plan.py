@@ -180,18 +180,18 @@ def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: st
     module = modules.get(binding.path)
     analyze = SITE_ANALYZERS.get(rule.placement, _analyze_parallel_sequential)
     info, in_axis, out_axis = analyze(binding, found, module, gm)
-    if rule.selector.chunks is not None:
-        info = _chunk_info(info, rule.selector.chunks, rule.placement)
+    if binding.chunks is not None:
+        info = _chunk_info(info, binding.chunks, rule.placement)
     try:
         with torch.device("meta"):
             unit = tuner_cls.build(rule.args, info)
     except (ValueError, TypeError) as error:
         raise SiteError(f"cannot build {rule.tuner.name} here: {error}") from error
     per_unit = sum(p.numel() for p in unit.parameters())
-    units = len(rule.selector.chunks.indices) if rule.selector.chunks else 1
+    units = len(binding.chunks.indices) if binding.chunks else 1
     return Insertion(
         site=binding.path, placement=rule.placement, tuner=rule.tuner.name, args=rule.args,
-        chunks=rule.selector.chunks, info=info, in_axis=in_axis, out_axis=out_axis,
+        chunks=binding.chunks, info=info, in_axis=in_axis, out_axis=out_axis,
         params=per_unit * units, identity_at_init=tuner_cls.identity_at_init(rule.args),
         mergeable=rule.placement in tuner_cls.mergeable and info.extras.get("conv", {}).get("groups", 1) == 1,
         rule_line=rule.span.line,

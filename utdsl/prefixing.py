@@ -133,7 +133,7 @@ def _attention(found: Region, gm: fx.GraphModule) -> AttentionCall:
 
 
 def analyze_prefix(binding: Binding, found: Region, module, gm: fx.GraphModule) -> tuple[SiteInfo, int, int]:
-    if binding.rule.selector.chunks is not None:
+    if binding.chunks is not None:
         raise SiteError("prefix keys and values join a whole attention; chunks do not apply")
     call = _attention(found, gm)
     _scores_views(call)

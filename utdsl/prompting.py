@@ -84,7 +84,7 @@ def pad_tokens(bias: torch.Tensor, start: int, length: int, axes: tuple[int, ...
 
 
 def analyze_prompt(binding: Binding, found: Region, module, gm: fx.GraphModule) -> tuple[SiteInfo, int, int]:
-    if binding.rule.selector.chunks is not None:
+    if binding.chunks is not None:
         raise SiteError("prompt tokens join a whole token sequence; chunks do not apply")
     if fixed_token_count(gm):
         raise SiteError("prompt adds tokens, but this model was traced by torch.export, which fixes "

@@ -23,8 +23,8 @@ from torch import nn
 
 from .errors import Diagnostic, SpecError, raise_if_any
 from .roles import role_paths
-from .selectors import generalize, matches
-from .syntax import Rule, Selector, Spec, Train
+from .selectors import first_match, generalize, matches
+from .syntax import Chunks, Rule, Selector, Spec, Train
 
 __all__ = ["Binding", "Bindings", "resolve", "closest_paths"]
 
@@ -36,6 +36,7 @@ class Binding:
     rule: Rule
     path: str
     order: int  # position of the rule in the spec
+    chunks: Chunks | None = None  # the parts of the output tuned (the matching alternative's)
 
 
 @dataclass
@@ -53,10 +54,11 @@ def resolve(spec: Spec, model: nn.Module) -> Bindings:
     diagnostics: list[Diagnostic] = []
     by_key: dict[tuple[str, str, str], Binding] = {}
     for order, rule in enumerate(spec.rules):
-        found = [path for path in module_paths if matches(rule.selector, path, roles)]
+        found = {path: alternative for path in module_paths
+                 if (alternative := first_match(rule.selector, path, roles)) is not None}
         if not found:
             diagnostics.append(_no_match(rule.selector, "module", module_paths, roles))
-        for path in found:
+        for path, alternative in found.items():
             key = (path, rule.placement, rule.tuner.name)
             earlier = by_key.get(key)
             if earlier is not None and earlier.rule is not rule:
@@ -64,7 +66,7 @@ def resolve(spec: Spec, model: nn.Module) -> Bindings:
                     f"this rule shadows the rule at line {earlier.rule.span.line} on '{path}' "
                     f"(same placement and tuner); the later rule wins",
                     rule.span, severity="warning"))
-            by_key[key] = Binding(rule, path, order)
+            by_key[key] = Binding(rule, path, order, alternative.chunks)
     trained = _trained_parameters(spec, model, diagnostics, roles)
     diagnostics.sort(key=lambda d: (d.span.line, d.span.column) if d.span else (0, 0))
     raise_if_any(diagnostics, SpecError)

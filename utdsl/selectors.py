@@ -15,15 +15,22 @@ from typing import Mapping
 
 from .syntax import GlobStar, Group, Name, Path, Segment, Selector, Star
 
-__all__ = ["matches", "matches_path", "generalize"]
+__all__ = ["matches", "first_match", "matches_path", "generalize"]
 
 
 def matches(selector: Selector, dotted: str, roles: Mapping[str, tuple[str, ...]] | None = None) -> bool:
     """Whether any alternative of ``selector`` matches ``dotted``. ``roles`` maps a role name to
     the paths of the modules playing it in the model (:func:`utdsl.roles.role_paths`); a role
     path matches nothing without it."""
+    return first_match(selector, dotted, roles) is not None
+
+
+def first_match(selector: Selector, dotted: str,
+                roles: Mapping[str, tuple[str, ...]] | None = None) -> Path | None:
+    """The first alternative of ``selector`` that matches ``dotted`` (its chunks are the ones a
+    rule tunes there), or None."""
     parts = tuple(dotted.split(".")) if dotted else ()
-    return any(matches_path(path, parts, roles) for path in selector.paths)
+    return next((path for path in selector.paths if matches_path(path, parts, roles)), None)
 
 
 def matches_path(path: Path, parts: tuple[str, ...], roles: Mapping[str, tuple[str, ...]] | None = None) -> bool:

@@ -115,23 +115,26 @@ class Path:
     span: Span
     rooted: bool = False
     role: str | None = None
+    chunks: "Chunks | None" = None     # a selector's alternative may tune parts of the output
 
     def __str__(self) -> str:
         if self.role is not None:
-            return ".".join(["@" + self.role, *map(str, self.segments)])
-        return ("^" if self.rooted else "") + ".".join(map(str, self.segments))
+            text = ".".join(["@" + self.role, *map(str, self.segments)])
+        else:
+            text = ("^" if self.rooted else "") + ".".join(map(str, self.segments))
+        return text + (str(self.chunks) if self.chunks else "")
 
 
 @dataclass(frozen=True)
 class Selector:
-    """Alternatives ``a | b``; ``chunks`` restricts every match to parts of its output."""
+    """Alternatives ``a | b{q, v}``; each path's ``chunks`` restricts its matches to parts of
+    their output."""
 
     paths: tuple[Path, ...]
     span: Span
-    chunks: Chunks | None = None
 
     def __str__(self) -> str:
-        return " | ".join(map(str, self.paths)) + (str(self.chunks) if self.chunks else "")
+        return " | ".join(map(str, self.paths))
 
 
 # ---- expressions -----------------------------------------------------------------------------

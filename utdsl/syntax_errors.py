@@ -192,9 +192,8 @@ CATALOG: tuple[tuple[str, tuple[str, ...]], ...] = (
         "attn.qkv{\"q\"} -> parallel lowrank",
         "attn.qkv{0, 2 of x} -> parallel lowrank",
     )),
-    ("chunks come last, after every path: 'a | b{q, v}'", (
+    ("chunks end a path: 'a.qkv{q, v} | b'", (
         "attn.qkv{q}.x -> parallel lowrank",
-        "attn.qkv{q} | b -> parallel lowrank",
         "attn.qkv{q}{v} -> parallel lowrank",
     )),
     ("'spec' takes a name and a quoted description, e.g. spec lora \"LoRA on q and v\"", (
