@@ -114,7 +114,7 @@ RESNET_CASES = [
     ("layer1.*.conv1 -> parallel lowrank(r=4)", False),
     ("layer2 -> sequential adapter(dim=8)", False),
     ("^conv1 | layer1.*.conv2 -> sequential affine()", True),
-    ("bn1 | layer1.*.bn2 -> sequential affine()", False),   # merge folds no affine into a batch norm
+    ("bn1 | layer1.*.bn2 -> sequential affine()", True),    # folds into the batch norms' weight and bias
 ]
 
 

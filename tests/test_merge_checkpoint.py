@@ -36,6 +36,25 @@ def test_merge_folds_mergeable_tuners_with_equal_outputs(spec, left, images):
     assert tuned.get_submodule("tuners")  # the input model keeps its tuners
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_an_affine_after_a_batch_norm_folds_into_it_in_either_mode(mode):
+    import timm
+
+    torch.manual_seed(0)
+    base = timm.create_model("resnet10t", num_classes=3).eval()
+    x = torch.randn(4, 3, 40, 56)
+    tuned = utdsl.compile("bn1 | bn2 -> sequential affine()", base, x)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.1).add_(1.0)
+    merged = utdsl.merge(tuned)
+    assert not [n for n in merged.graph.nodes if n.op == "call_module" and n.target.startswith("tuners.")]
+    getattr(tuned, mode)(), getattr(merged, mode)()   # train mode: batch statistics, same algebra
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), tuned(x), rtol=1e-5, atol=1e-5)
+
+
 def test_merged_inference_has_the_base_graph_shape(images):
     base = tiny_vit()
     merged = utdsl.merge(trained("lora"))

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import utdsl
-from utdsl.joints import FULL
-from utdsl.prefixing import PrefixJoint, prefix_mask
+from utdsl.placements.base import FULL
+from utdsl.placements.prefix import PrefixJoint, prefix_mask
 from utdsl.tuners.kv import KV, KVArgs
 from utdsl.verify import verify
 

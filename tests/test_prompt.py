@@ -11,7 +11,7 @@ import torch
 
 import utdsl
 from utdsl.plan import propagate_shapes
-from utdsl.prompting import drop_tokens
+from utdsl.placements.prompt import drop_tokens
 from utdsl.trace import region
 from utdsl.verify import verify
 

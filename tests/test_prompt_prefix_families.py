@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import utdsl
-from utdsl.prompting import drop_tokens, pad_tokens
+from utdsl.placements.prompt import drop_tokens, pad_tokens
 
 FAMILIES = {
     "beit": ("beit_base_patch16_224", dict(img_size=32, depth=2, embed_dim=32, num_heads=2), 32),

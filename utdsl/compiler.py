@@ -19,7 +19,6 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import prefixing, prompting  # noqa: F401  (registers the prompt and prefix placements)
 from . import backends
 from .errors import ModelError
 from .modes import ModalGraphModule, trace_modes

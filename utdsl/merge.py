@@ -2,15 +2,15 @@
 inference at the base model's speed.
 
 Folded: a ``parallel lowrank`` on a linear (W += ΔW on the tuned rows) or on a Conv2d with
-groups=1 (ΔW = up ∘ down, a conv-shaped update); a ``sequential affine``
-right after a linear, conv or layer norm (its output channels scaled and shifted), or else right
-before a linear that is its only user (that linear's input columns scaled, its bias shifted: IA3
-on an activation). A linear may be a module used functionally (``F.linear(x, qkv.weight, bias)``,
-its weight read there alone): the weight folds in place, and an affine's scale and shift fold into
-the bias's parameters (``q_bias``, ``v_bias``) only when the pieces that are not parameters (the
-``k_bias`` buffer) keep their values; otherwise the affine stays in the graph. Other tuners, and affines with no weight beside them, stay in the graph. The
-input model is not modified. A model with a train and an eval graph has the same tuners removed
-from both.
+groups=1 (ΔW = up ∘ down, a conv-shaped update); a ``sequential affine`` right after a linear,
+conv, layer norm or plain batch norm (its output channels scaled and shifted), or else right before
+a linear that is its only user (that linear's input columns scaled, its bias shifted: IA3 on an
+activation). A linear may be a module used functionally (``F.linear(x, qkv.weight, bias)``, its
+weight read there alone): the weight folds in place, and an affine's scale and shift fold into the
+bias's parameters (``q_bias``, ``v_bias``) only when the pieces that are not parameters (the
+``k_bias`` buffer) keep their values; otherwise the affine stays in the graph. Other tuners, and
+affines with no weight beside them, stay in the graph. The input model is not modified. A model
+with a train and an eval graph has the same tuners removed from both.
 """
 
 from __future__ import annotations
@@ -22,13 +22,17 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .joints import FULL, ParallelJoint, SequentialJoint
 from .modes import ModalGraphModule
+from .placements.base import FULL
+from .placements.parallel import ParallelJoint
+from .placements.sequential import SequentialJoint
 from .verify import compiled_info
 
 __all__ = ["merge"]
 
 _CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d)
+#: batch norms with nothing after the affine (timm's BatchNormAct2d also activates: not these)
+_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def merge(model: fx.GraphModule) -> fx.GraphModule:
@@ -176,6 +180,8 @@ def _output_parameters(gm: fx.GraphModule, h: fx.Node):
             return None
         if isinstance(module, (nn.Linear, nn.LayerNorm, *_CHANNELS_FIRST)):
             return module.weight, module.bias, module
+        if type(module) in _PLAIN_BATCH_NORMS and module.affine:  # s (g x^ + b) + t, batch or running x^
+            return module.weight, module.bias, module
         return None
     if h.op == "call_function" and h.target in (F.linear, F.layer_norm):
         names = ("input", "weight", "bias") if h.target is F.linear else ("input", "normalized_shape", "weight", "bias")
@@ -197,7 +203,7 @@ def _fold_affine_after(gm: fx.GraphModule, joint: SequentialJoint, node: fx.Node
     if found is None:
         return False
     weight, bias, owner = found
-    if isinstance(owner, _CHANNELS_FIRST) != (joint.out_axis == 1):
+    if isinstance(owner, (*_CHANNELS_FIRST, *_PLAIN_BATCH_NORMS)) != (joint.out_axis == 1):
         return False
     if bias is None:
         owner.bias = bias = nn.Parameter(weight.new_zeros(weight.shape[0]), requires_grad=False)

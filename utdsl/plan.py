@@ -2,6 +2,10 @@
 insertions. Tuner sizes come from fx shape propagation (on meta tensors or fake tensors, so no
 real forward runs); nothing is inserted yet.
 
+What a site must look like, and the sizes its tuner gets, is the placement's ``analyze``
+(:mod:`utdsl.placements`); here is what every placement shares: the site is called once, the tuner
+builds with the sizes found, the insertion is recorded.
+
 Invariants: one :class:`Insertion` per (rule, site), in the order ``rewrite`` applies them; every
 insertion's sizes are final; a site that is never called, or whose boundary does not fit the
 placement, is an error pointing at its rule.
@@ -19,15 +23,16 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from . import tuners
+from . import placements, tuners
 from .errors import Diagnostic, ModelError, SpecError, raise_if_any
-from .layout import channel_axis, probe_layouts
+from .layout import probe_layouts
+from .placements import SiteError
 from .resolve import Binding, Bindings
 from .syntax import Chunks
-from .trace import Region, leaf_enclosing, region
+from .trace import leaf_enclosing, region
 from .tuners import SiteInfo, TunerArgs
 
-__all__ = ["Insertion", "Plan", "plan", "propagate_shapes", "probe_layouts", "channel_axis", "SITE_ANALYZERS"]
+__all__ = ["Insertion", "Plan", "plan", "propagate_shapes", "probe_layouts"]
 
 
 @dataclass(frozen=True)
@@ -146,20 +151,6 @@ def plan(bindings: Bindings, gm: fx.GraphModule, example_input: torch.Tensor,
                 [d for d in diagnostics if d.severity == "warning"])
 
 
-class SiteError(Exception):
-    """A site that does not fit its rule's placement; ``plan`` reports it at the rule."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.message, self.hint = message, hint
-
-
-#: placement -> ``analyze(binding, region, module, gm) -> (SiteInfo, in_axis, out_axis)`` for
-#: placements other than parallel/sequential (prompt, prefix); raises ``SiteError`` on a site that
-#: does not fit. ``module`` is the site's module in ``gm`` (None when traced through).
-SITE_ANALYZERS: dict[str, Any] = {}
-
-
 def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: str) -> Insertion:
     rule = binding.rule
     tuner_cls = tuners.get(rule.tuner.name)
@@ -178,10 +169,7 @@ def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: st
                          "functional calls; a tuner attaches to one use",
                          "select a module that is called, or one whose weight the forward uses once")
     module = modules.get(binding.path)
-    analyze = SITE_ANALYZERS.get(rule.placement, _analyze_parallel_sequential)
-    info, in_axis, out_axis = analyze(binding, found, module, gm)
-    if binding.chunks is not None:
-        info = _chunk_info(info, binding.chunks, rule.placement)
+    info, in_axis, out_axis = placements.get(rule.placement).analyze(binding, found, module, gm)
     try:
         with torch.device("meta"):
             unit = tuner_cls.build(rule.args, info)
@@ -197,71 +185,3 @@ def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: st
         rule_line=rule.span.line,
         module_name=f"{namespace}.{binding.path}.{rule.placement}_{rule.tuner.name}",
     )
-
-
-def _shape(node: fx.Node) -> tuple[int, ...]:
-    meta = node.meta.get("tensor_meta")
-    if meta is None or not hasattr(meta, "shape"):
-        raise SiteError(f"the value '{node.name}' at this site is not a single tensor")
-    return tuple(meta.shape)
-
-
-def _analyze_parallel_sequential(binding: Binding, found: Region, module, gm=None) -> tuple[SiteInfo, int, int]:
-    if len(found.outputs) != 1:
-        raise SiteError(f"this module's call produces {len(found.outputs)} values used later; "
-                         f"{binding.rule.placement} needs exactly one")
-    out_shape = _shape(found.outputs[0])
-    out_axis = channel_axis(found.outputs[0], module, tuple(found.tensor_inputs))
-    extras: dict[str, Any] = {"out_shape": out_shape}
-    if binding.rule.placement == "parallel":
-        inputs = found.tensor_inputs
-        if len(inputs) != 1:
-            names = ", ".join(n.name for n in inputs) or "none"
-            raise SiteError(f"parallel needs exactly one tensor input, this module takes {len(inputs)} ({names})")
-        in_shape = _shape(inputs[0])
-        in_axis = channel_axis(inputs[0], module, tuple(found.outputs))
-        conv = _leaf_conv(found, module, inputs[0])
-        if conv is not None:
-            extras["conv"] = conv
-        _check_maps_shape(binding, in_shape, in_axis, out_shape, out_axis, conv is not None)
-    else:
-        in_shape, in_axis = out_shape, out_axis
-    info = SiteInfo(binding.path, in_shape[in_axis], out_shape[out_axis], {"in_shape": in_shape, **extras})
-    return info, in_axis, out_axis
-
-
-def _leaf_conv(found: Region, module, x: fx.Node) -> dict[str, Any] | None:
-    """The geometry of a site that is one call of an ``nn.Conv2d`` on ``x``, else None."""
-    if not isinstance(module, torch.nn.Conv2d) or len(found.nodes) != 1:
-        return None
-    (node,) = found.nodes
-    if node.op != "call_module" or node.args[:1] != (x,):
-        return None
-    return {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
-            "dilation": module.dilation, "groups": module.groups, "padding_mode": module.padding_mode}
-
-
-def _check_maps_shape(binding: Binding, in_shape, in_axis: int, out_shape, out_axis: int, conv: bool) -> None:
-    """A parallel tuner maps channels to channels, position by position: the site must keep every
-    other axis, unless the tuner makes a conv-shaped update of a conv site."""
-    def others(shape, axis):
-        return [size for i, size in enumerate(shape) if i != axis % len(shape)]
-
-    if len(in_shape) == len(out_shape) and others(in_shape, in_axis) == others(out_shape, out_axis):
-        return
-    tuner = binding.rule.tuner.name
-    if conv and getattr(tuners.get(tuner), "conv_sites", False):
-        return
-    shapes = " -> ".join("x".join(map(str, s)) for s in (in_shape, out_shape))
-    raise SiteError(f"parallel {tuner} maps channels position by position, but this module changes "
-                    f"the shape of its value ({shapes})",
-                    "attach it `sequential` (on the output), pick a site that keeps the shape, or use "
-                    "`parallel lowrank` on a Conv2d (a conv-shaped update)")
-
-
-def _chunk_info(info: SiteInfo, chunks: Chunks, placement: str) -> SiteInfo:
-    if info.out_features % chunks.count:
-        raise SiteError(f"{info.out_features} output features do not split into {chunks.count} equal chunks")
-    size = info.out_features // chunks.count
-    in_features = size if placement == "sequential" else info.in_features
-    return SiteInfo(info.path, in_features, size, {**info.extras, "chunk_size": size})

@@ -27,3 +27,4 @@ def names() -> list[str]:
 
 
 from . import adapter, affine, kv, lowrank, tokens  # noqa: E402,F401  (registration side effect)
+from . import boft, dora, fact, hadamard, lokr, loha, lora, oft, vera  # noqa: E402,F401  (weight space)

@@ -1,8 +1,8 @@
 """What every tuner is: an ``nn.Module`` U, a pydantic model of its arguments, the placements it
 accepts, and whether it can be folded into the weights of the operation it tunes.
 
-A tuner works on the last dimension of its input; the placement wrappers in
-:mod:`utdsl.placements` move a channels-first tensor's channel axis there and back.
+A tuner works on the last dimension of its input; the joints of :mod:`utdsl.placements.joint`
+move a channels-first tensor's channel axis there and back.
 """
 
 from __future__ import annotations

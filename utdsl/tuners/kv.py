@@ -2,8 +2,8 @@
 placement.
 
 ``U()`` returns (keys, values), each (L, C) with C = heads x head_dim laid out as the attention's
-own projections (head-major); the placement (:mod:`utdsl.prefixing`) splits them into heads and
-joins them to K and V. With ``reparam=true`` they come from a small MLP, as in prefix tuning:
+own projections (head-major); the placement (:mod:`utdsl.placements.prefix`) splits them into
+heads and joins them to K and V. With ``reparam=true`` they come from a small MLP, as in prefix tuning:
 (keys | values) = W2 tanh(W1 E + b1) + b2 with E (L, C), W1 (hidden, C), W2 (2C, hidden); the MLP
 trains and counts as tuner parameters.
 

@@ -2,7 +2,8 @@
 
 U holds L tokens of the site's width C; ``U(x)`` returns them expanded to ``x``'s batch,
 (B, L, C), with dropout applied per sample (VPT drops prompt entries, not whole tokens). The
-placement (:mod:`utdsl.prompting`) joins them to the region's input and removes them at its output.
+placement (:mod:`utdsl.placements.prompt`) joins them to the region's input and removes them at its
+output.
 
 Initialisation: ``uniform`` is VPT's xavier-uniform-like U(-a, a) with a = sqrt(6 / (fan_in + C)),
 fan_in being the patch embedding's (3 x 16 x 16 = 768 on ViT-B/16; C when the model has none);

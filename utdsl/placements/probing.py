@@ -4,8 +4,8 @@ Input: a traced, shape-propagated GraphModule, a module path and an ``edit(graph
 edits a copy of the graph the way the placement will edit the real one (returning stand-ins for the
 modules it calls). Output: a :class:`Probe` with every value of the edited copy on meta tensors (fake
 tensors where an operation has no meta kernel), or the node where the run failed. A placement turns
-a failure into a :class:`~utdsl.plan.SiteError`, so a region that cannot take the edit is refused at
-compile time rather than failing with a shape error in forward.
+a failure into a :class:`~utdsl.placements.base.SiteError`, so a region that cannot take the edit is
+refused at compile time rather than failing with a shape error in forward.
 
 Invariants: ``gm`` and its graph are not changed; parameters are swapped for meta stand-ins only for
 the duration of the run; the run stops after the region's last node and the nodes its edit added.
@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .trace import Region, module_path_of, region
+from ..trace import Region, module_path_of, region
 
 __all__ = ["Probe", "probe", "depends_on", "describe_node"]
 

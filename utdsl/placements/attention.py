@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .trace import Region
+from ..trace import Region
 
 __all__ = ["ArgRef", "Mask", "AttentionCall", "find_attention"]
 

@@ -13,7 +13,7 @@ model's own tokens computing what they did: a relative-position bias (or mask) o
 N tokens that joins an attention's scores (BEiT, LeViT, Swin windows) gets zero rows and columns for
 the prompts, and a slice at the prefix-token boundary (EVA-02's and RoPE ViTs' rotary embedding,
 applied to the tokens after the prefix tokens) moves past the prompts, so prompts are not rotated.
-Every site is first tried on a copy of the graph with N + L tokens (:func:`utdsl.probing.probe`); a
+Every site is first tried on a copy of the graph with N + L tokens (:func:`utdsl.placements.probing.probe`); a
 region where that fails (tokens reshaped to a spatial grid, as in PVT-v2; a position tensor sized for
 N tokens) is refused at compile time with the reason.
 
@@ -26,23 +26,25 @@ prompted region keeps the traced token count (it is only used for sizes planned 
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from ..backends import fixed_token_count
+from ..resolve import Binding
+from ..trace import Region, stack_up_to
+from ..tuners import SiteInfo
 from .attention import ArgRef, find_attention
-from .backends import fixed_token_count
-from .joints import FULL
-from .plan import SITE_ANALYZERS, Insertion, SiteError
-from .prefixing import prefix_mask
+from .base import FULL, Placement, SiteError, build_units, shared_module
+from .prefix import prefix_mask
 from .probing import depends_on, describe_node, probe
-from .resolve import Binding
-from .rewrite import INSERTERS, build_units, shared_module
-from .trace import Region, stack_up_to
-from .tuners import SiteInfo
 
-__all__ = ["PromptJoint", "drop_tokens", "pad_tokens", "analyze_prompt", "insert_prompt"]
+if TYPE_CHECKING:
+    from ..plan import Insertion
+
+__all__ = ["Prompt", "PromptJoint", "drop_tokens", "pad_tokens"]
 
 
 class PromptJoint(nn.Module):
@@ -83,26 +85,39 @@ def pad_tokens(bias: torch.Tensor, start: int, length: int, axes: tuple[int, ...
     return bias
 
 
-def analyze_prompt(binding: Binding, found: Region, module, gm: fx.GraphModule) -> tuple[SiteInfo, int, int]:
-    if binding.chunks is not None:
-        raise SiteError("prompt tokens join a whole token sequence; chunks do not apply")
-    if fixed_token_count(gm):
-        raise SiteError("prompt adds tokens, but this model was traced by torch.export, which fixes "
-                         "the token count (Hugging Face models, and models torch.fx cannot trace "
-                         "into at the selected sites)",
-                         "use prefix, parallel or sequential tuners on this model")
-    x, y = _boundary(found)
-    in_shape, out_shape = _tokens_shape(x, "input"), _tokens_shape(y, "output")
-    if in_shape[2] != out_shape[2]:
-        raise SiteError(f"prompt needs a region that keeps the width; it maps {in_shape[2]} to "
-                         f"{out_shape[2]} channels")
-    start = int(getattr(gm, "num_prefix_tokens", 0) or 0)
-    if start > min(in_shape[1], out_shape[1]):
-        raise SiteError(f"the model's {start} prefix tokens do not fit a sequence of {in_shape[1]}")
-    _try(gm, binding, start, binding.rule.args.length, in_shape[1], out_shape[1])
-    extras = {"num_prefix_tokens": start, "tokens": in_shape[1], "in_shape": in_shape,
-              "out_shape": out_shape, "patch_fan_in": _patch_fan_in(gm)}
-    return SiteInfo(binding.path, in_shape[2], out_shape[2], extras), -1, -1
+class Prompt(Placement):
+    name = "prompt"
+    summary = "tokens joined to the region's input, removed at its output"
+
+    @classmethod
+    def analyze(cls, binding: Binding, found: Region, module: nn.Module | None,
+                gm: fx.GraphModule) -> tuple[SiteInfo, int, int]:
+        if binding.chunks is not None:
+            raise SiteError("prompt tokens join a whole token sequence; chunks do not apply")
+        if fixed_token_count(gm):
+            raise SiteError("prompt adds tokens, but this model was traced by torch.export, which fixes "
+                             "the token count (Hugging Face models, and models torch.fx cannot trace "
+                             "into at the selected sites)",
+                             "use prefix, parallel or sequential tuners on this model")
+        x, y = _boundary(found)
+        in_shape, out_shape = _tokens_shape(x, "input"), _tokens_shape(y, "output")
+        if in_shape[2] != out_shape[2]:
+            raise SiteError(f"prompt needs a region that keeps the width; it maps {in_shape[2]} to "
+                             f"{out_shape[2]} channels")
+        start = int(getattr(gm, "num_prefix_tokens", 0) or 0)
+        if start > min(in_shape[1], out_shape[1]):
+            raise SiteError(f"the model's {start} prefix tokens do not fit a sequence of {in_shape[1]}")
+        _try(gm, binding, start, binding.rule.args.length, in_shape[1], out_shape[1])
+        extras = {"num_prefix_tokens": start, "tokens": in_shape[1], "in_shape": in_shape,
+                  "out_shape": out_shape, "patch_fan_in": _patch_fan_in(gm)}
+        return SiteInfo(binding.path, in_shape[2], out_shape[2], extras), -1, -1
+
+    @classmethod
+    def insert(cls, gm: fx.GraphModule, insertion: Insertion, found: Region) -> None:
+        start = insertion.info.extras["num_prefix_tokens"]
+        joint = shared_module(gm, insertion.module_name, lambda: PromptJoint(build_units(gm, insertion), start))
+        gm.add_submodule(insertion.module_name, joint)
+        _edit(gm.graph, found, start, joint.length, insertion.module_name, insertion.site, dict(gm.named_modules()))
 
 
 _RESHAPES = ("view", "reshape", "flatten", "unflatten", "reshape_as", "view_as")
@@ -169,13 +184,6 @@ def _patch_fan_in(gm: nn.Module) -> int | None:
     proj = getattr(getattr(gm, "patch_embed", None), "proj", None)
     weight = getattr(proj, "weight", None)
     return int(weight[0].numel()) if weight is not None and weight.dim() > 1 else None
-
-
-def insert_prompt(gm: fx.GraphModule, insertion: Insertion, found: Region) -> None:
-    start = insertion.info.extras["num_prefix_tokens"]
-    joint = shared_module(gm, insertion.module_name, lambda: PromptJoint(build_units(gm, insertion), start))
-    gm.add_submodule(insertion.module_name, joint)
-    _edit(gm.graph, found, start, joint.length, insertion.module_name, insertion.site, dict(gm.named_modules()))
 
 
 def _edit(graph: fx.Graph, found: Region, start: int, length: int, target: str, site: str,
@@ -275,6 +283,3 @@ def _stamp(node: fx.Node, inside: fx.Node, site: str, like: fx.Node, added: int)
             stride[axis] = stride[axis + 1] * shape[axis + 1]
         node.meta["tensor_meta"] = meta._replace(shape=torch.Size(shape), stride=tuple(stride))
 
-
-SITE_ANALYZERS["prompt"] = analyze_prompt
-INSERTERS["prompt"] = insert_prompt

@@ -1,8 +1,8 @@
 """The ``prefix`` placement: learned keys and values joined to K and V inside a region's attention.
 
-Input: a site whose region holds exactly one attention (:func:`utdsl.attention.find_attention`:
-a fused ``scaled_dot_product_attention`` call or a manual ``softmax(q @ k^T) @ v``) with keys and
-values (B, H, S, D). Output: the attention reads [Pk; K] and [Pv; V], the tuner's L keys and values
+Input: a site whose region holds exactly one attention
+(:func:`utdsl.placements.attention.find_attention`: a fused ``scaled_dot_product_attention`` call or
+a manual ``softmax(q @ k^T) @ v``) with keys and values (B, H, S, D). Output: the attention reads [Pk; K] and [Pv; V], the tuner's L keys and values
 split into H heads of D and expanded to the batch; every mask over the keys gains L leading
 entries that let each query see the prefix, and ``is_causal`` becomes the equivalent explicit mask.
 
@@ -14,7 +14,7 @@ identity at init (l > 0 whatever Pk and Pv are).
 Relative-position biases, window masks and attention biases over the keys (BEiT, Swin, LeViT) give
 the prefix keys 0 bias; the prefix joins K after any rotary embedding (EVA-02, RoPE ViTs), so it is
 not rotated; a view of the scores that keeps the key axis (Swin's shifted-window mask) reads the
-new key count. Every site is first tried on a copy of the graph (:func:`utdsl.probing.probe`): a
+new key count. Every site is first tried on a copy of the graph (:func:`utdsl.placements.probing.probe`): a
 region where the prefixed attention does not run is refused at compile time.
 
 Invariants: nodes outside the attention are untouched; the region's boundary is unchanged; the
@@ -23,20 +23,23 @@ inserted nodes carry the site's module stack.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.fx as fx
 from torch import nn
 
+from ..resolve import Binding
+from ..trace import Region, stack_up_to
+from ..tuners import SiteInfo
 from .attention import AttentionCall, find_attention
-from .joints import FULL
-from .plan import SITE_ANALYZERS, Insertion, SiteError
+from .base import FULL, Placement, SiteError, build_units, shared_module
 from .probing import describe_node, probe
-from .resolve import Binding
-from .rewrite import INSERTERS, build_units, shared_module
-from .trace import Region, stack_up_to
-from .tuners import SiteInfo
 
-__all__ = ["PrefixJoint", "prefix_mask", "analyze_prefix", "insert_prefix"]
+if TYPE_CHECKING:
+    from ..plan import Insertion
+
+__all__ = ["Prefix", "PrefixJoint", "prefix_mask", "last_size"]
 
 
 class PrefixJoint(nn.Module):
@@ -132,15 +135,29 @@ def _attention(found: Region, gm: fx.GraphModule) -> AttentionCall:
     return call
 
 
-def analyze_prefix(binding: Binding, found: Region, module, gm: fx.GraphModule) -> tuple[SiteInfo, int, int]:
-    if binding.chunks is not None:
-        raise SiteError("prefix keys and values join a whole attention; chunks do not apply")
-    call = _attention(found, gm)
-    _scores_views(call)
-    width = call.num_heads * call.head_dim
-    _try(gm, binding, call.num_heads, call.head_dim)
-    extras = {"num_heads": call.num_heads, "head_dim": call.head_dim, "attention": call.kind}
-    return SiteInfo(binding.path, width, width, extras), -1, -1
+class Prefix(Placement):
+    name = "prefix"
+    summary = "learned keys/values joined to K and V inside the region's attention"
+
+    @classmethod
+    def analyze(cls, binding: Binding, found: Region, module: nn.Module | None,
+                gm: fx.GraphModule) -> tuple[SiteInfo, int, int]:
+        if binding.chunks is not None:
+            raise SiteError("prefix keys and values join a whole attention; chunks do not apply")
+        call = _attention(found, gm)
+        _scores_views(call)
+        width = call.num_heads * call.head_dim
+        _try(gm, binding, call.num_heads, call.head_dim)
+        extras = {"num_heads": call.num_heads, "head_dim": call.head_dim, "attention": call.kind}
+        return SiteInfo(binding.path, width, width, extras), -1, -1
+
+    @classmethod
+    def insert(cls, gm: fx.GraphModule, insertion: Insertion, found: Region) -> None:
+        call = _attention(found, gm)
+        joint = shared_module(gm, insertion.module_name, lambda: PrefixJoint(
+            build_units(gm, insertion), call.num_heads, call.head_dim))
+        gm.add_submodule(insertion.module_name, joint)
+        _edit(gm.graph, call, insertion.module_name, insertion.args.length, insertion.site)
 
 
 class _ZeroKV(nn.Module):
@@ -171,14 +188,6 @@ def _try(gm: fx.GraphModule, binding: Binding, heads: int, dim: int) -> None:
                          f"fails ({first})",
                          "prefix needs keys and values (batch, heads, tokens, head_dim) that the scores "
                          "product reads unchanged")
-
-
-def insert_prefix(gm: fx.GraphModule, insertion: Insertion, found: Region) -> None:
-    call = _attention(found, gm)
-    joint = shared_module(gm, insertion.module_name, lambda: PrefixJoint(
-        build_units(gm, insertion), call.num_heads, call.head_dim))
-    gm.add_submodule(insertion.module_name, joint)
-    _edit(gm.graph, call, insertion.module_name, insertion.args.length, insertion.site)
 
 
 def _edit(graph: fx.Graph, call: AttentionCall, target: str, length: int, site: str) -> None:
@@ -212,6 +221,3 @@ def _edit(graph: fx.Graph, call: AttentionCall, target: str, length: int, site: 
             call.is_causal.set(False)
         mask.where.set(before(mask.where.node, "call_function", prefix_mask, args))
 
-
-SITE_ANALYZERS["prefix"] = analyze_prefix
-INSERTERS["prefix"] = insert_prefix
