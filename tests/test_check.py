@@ -89,7 +89,8 @@ def test_tuner_without_arguments_gets_defaults():
 # text -> [(line, column, message fragment, hint fragment or None)], every diagnostic, in order
 ERRORS = [
     # tuners and placements
-    ("a -> parallel lora(r=8)", [(1, 15, "unknown tuner 'lora'", "did you mean 'lowrank'?")]),
+    ("a -> parallel lowrnk(r=8)", [(1, 15, "unknown tuner 'lowrnk'", "did you mean 'lowrank'")]),
+    ("a -> parallel lora(r=8)", [(1, 6, "tuner 'lora' does not accept placement 'parallel'", "'lora' accepts: weight")]),
     ("a -> parallel zzz", [(1, 15, "unknown tuner 'zzz'", "tuners: adapter, affine, ")]),
     ("a -> paralel lowrank", [(1, 6, "unknown placement 'paralel'", "did you mean 'parallel'")]),
     ("a -> zzz lowrank",

@@ -261,16 +261,18 @@ def test_a_weight_used_twice_functionally_is_a_clear_error():
 
 
 def test_eva02_with_separate_q_k_v_and_swiglu():
-    """``qkv_fused=False`` has q_proj/k_proj/v_proj (called): LoRA and IA3 name a qkv that is not
-    there; SSF's alternatives match what exists (attn.proj, mlp.fc2, norms), not fc1_g/fc1_x."""
+    """``qkv_fused=False`` has q_proj/k_proj/v_proj (called) and a SwiGLU MLP: the library specs'
+    alternatives reach them (lora: q_proj, v_proj; ssf: every linear, fc1_g and fc1_x included)."""
     torch.manual_seed(0)
     base = timm.create_model("eva02_base_patch14_224", img_size=28, depth=1, embed_dim=32, num_heads=2,
                              num_classes=5).eval()
     x = torch.randn(1, 3, 28, 28)
     assert base.blocks[0].attn.qkv is None and hasattr(base.blocks[0].mlp, "fc1_g")
-    with pytest.raises(utdsl.SpecError, match="selector 'attn.qkv' matches no module"):
-        utdsl.compile("lora", base, x)
+    lora = utdsl.compile("lora", base, x)
+    assert {i.site for i in lora.meta["utdsl"].plan.insertions} == {"blocks.0.attn.q_proj", "blocks.0.attn.v_proj"}
     tuned = utdsl.compile("ssf", base, x)
     sites = {i.site for i in tuned.meta["utdsl"].plan.insertions}
-    assert sites == {"patch_embed", "norm", *(f"blocks.0.{s}" for s in ("attn.proj", "mlp.fc2", "norm1", "norm2"))}
+    assert sites == {"patch_embed", "norm", *(f"blocks.0.{s}" for s in (
+        "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.proj", "mlp.fc1_g", "mlp.fc1_x", "mlp.fc2",
+        "norm1", "norm2"))}
     torch.testing.assert_close(tuned(x), base(x), rtol=0, atol=0)

@@ -70,7 +70,7 @@ def test_save_and_load_round_trip(tmp_path, images):
         keys, meta = set(f.keys()), f.metadata()
     assert keys == {n for n, p in tuned.named_parameters() if p.requires_grad}
     assert meta["model"] == "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-    assert "attn.qkv{q, v} -> parallel lowrank" in meta["spec"]
+    assert "attn.qkv{q, v} | attn.q_proj | attn.v_proj -> parallel lowrank" in meta["spec"]
     fresh = utdsl.compile("lora", tiny_vit())
     assert not torch.equal(fresh(images), tuned(images))
     utdsl.load_tuners(fresh, path)

@@ -1,8 +1,9 @@
 """``hadamard``: a multiplicative low-rank update, W' = W ⊙ (1 + (alpha / r) B A).
 
-The elementwise-scaling form of PACE / GLoRA-style tuners (GLoRA, Chavan et al., 2023, eq. 4 has
-a W ⊙ A term); B is zero and A kaiming-uniform as in LoRA, so W' == W at init. Every entry of W is
-rescaled, never created: a zero weight stays zero.
+Each entry of W is rescaled by a low-rank scale map, the elementwise form of the weight-scaling
+terms of GLoRA (Chavan et al., 2023) and PACE-style multiplicative tuners; no one paper's
+parameterisation is claimed. B is zero and A kaiming-uniform (a = sqrt 5) as in LoRA, so
+W' == W exactly at init. A zero weight stays zero.
 """
 
 from __future__ import annotations
