@@ -94,6 +94,14 @@ def running_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
 _TRACKING_NORMS = (nn.modules.batchnorm._NormBase,)
 
 
+def tuner_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tuners' persistent buffers (VeRA's shared random projections): saved with the tuners so
+    a checkpoint does not depend on regenerating them."""
+    namespace = compiled_info(model).plan_namespace + "."
+    return {name: b for name, b in model.state_dict(keep_vars=True).items()
+            if name.startswith(namespace) and not isinstance(b, nn.Parameter)}
+
+
 def save_tuners(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Save every parameter of ``model`` that requires grad (tuners and ``train``ed base
     parameters) and the norm layers' running statistics (:func:`running_statistics`), with the
@@ -103,6 +111,7 @@ def save_tuners(model: nn.Module, path: str | os.PathLike, metadata: dict[str, s
     info = compiled_info(model)
     tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
     tensors.update(running_statistics(model))
+    tensors.update(tuner_buffers(model))
     meta = {
         "format": FORMAT,
         "utdsl_version": __version__,
@@ -150,6 +159,7 @@ def load_tuners(model: nn.Module, path: str | os.PathLike, *, strict_model: bool
     statistics = running_statistics(model)
     if any(name in tensors for name in statistics):   # checkpoints written before them hold none
         params.update(statistics)
+    params.update(tuner_buffers(model))
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise CheckpointError(f"checkpoint '{path}' does not fit this model: "

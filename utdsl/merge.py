@@ -26,6 +26,7 @@ from .modes import ModalGraphModule
 from .placements.base import FULL
 from .placements.parallel import ParallelJoint
 from .placements.sequential import SequentialJoint
+from .placements.weight import FUNCTIONALIZED, WeightJoint
 from .verify import compiled_info
 
 __all__ = ["merge"]
@@ -46,9 +47,11 @@ def merge(model: fx.GraphModule) -> fx.GraphModule:
         for node in list(graph.nodes):
             if node.op != "call_module" or node.target not in mergeable:
                 continue
-            if index == 0:  # weights fold once, decided on the first graph; the others follow it
+            if index == 0 and node.target not in folded:  # weights fold once, on the first graph
                 joint = merged.get_submodule(node.target)
-                if isinstance(joint, ParallelJoint):
+                if isinstance(joint, WeightJoint):
+                    done = _fold_weight(merged, joint, node)
+                elif isinstance(joint, ParallelJoint):
                     done = _fold_lowrank(merged, joint, node)
                 else:
                     done = _fold_affine_after(merged, joint, node) or _fold_affine_before(merged, joint, node)
@@ -57,12 +60,58 @@ def merge(model: fx.GraphModule) -> fx.GraphModule:
             if node.target in folded:
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
+        _restore_leaf_calls(graph)
         graph.lint()
         merged.recompile()
     for target in folded:
         merged.delete_submodule(target)
+    for name in _unused_shared(info.plan, folded):
+        merged.delete_submodule(name)
     merged.meta["utdsl_merged"] = True
     return merged
+
+
+@torch.no_grad()
+def _fold_weight(gm: fx.GraphModule, joint: WeightJoint, node: fx.Node) -> bool:
+    """W := U(W): exact by construction (the joints nearer the weight are folded first)."""
+    read = node.args[0]
+    if not (isinstance(read, fx.Node) and read.op == "get_attr"):
+        return False
+    weight = gm.get_parameter(read.target)
+    weight.copy_(joint(weight.detach()))
+    return True
+
+
+def _restore_leaf_calls(graph: fx.Graph) -> None:
+    """``F.linear(x, qkv.weight, qkv.bias)`` that the weight placement made of ``qkv(x)`` is
+    ``qkv(x)`` again once nothing stands between the call and its weight."""
+    for node in list(graph.nodes):
+        target = node.meta.get(FUNCTIONALIZED)
+        if target is None or node.op != "call_function":
+            continue
+        x, weight, bias = node.args[:3]
+        reads = [weight] + ([bias] if bias is not None else [])
+        if not all(isinstance(r, fx.Node) and r.op == "get_attr" and r.target.startswith(target + ".")
+                   for r in reads):
+            continue
+        with graph.inserting_before(node):
+            call = graph.call_module(target, (x,))
+        call.meta.update({k: v for k, v in node.meta.items() if k != FUNCTIONALIZED})
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        for r in reads:
+            if not r.users:
+                graph.erase_node(r)
+
+
+def _unused_shared(plan, folded: set[str]) -> set[str]:
+    """Shared tuner state (VeRA, FacT) whose every unit was folded away."""
+    used: dict[str, bool] = {}
+    for insertion in plan.insertions:
+        name = insertion.info.extras.get("shared_name")
+        if name is not None:
+            used[name] = used.get(name, False) or insertion.module_name not in folded
+    return {name for name, still in used.items() if not still}
 
 
 def _tuned_rows(joint: nn.Module, out: int):

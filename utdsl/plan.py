@@ -27,6 +27,7 @@ from . import placements, tuners
 from .errors import Diagnostic, ModelError, SpecError, raise_if_any
 from .layout import probe_layouts
 from .placements import SiteError
+from .placements.weight import plan_shared
 from .resolve import Binding, Bindings
 from .syntax import Chunks
 from .trace import leaf_enclosing, region
@@ -76,10 +77,11 @@ class Plan:
     trained_params: int                  # their element count
     base_params: int                     # every parameter of the base model
     warnings: list[Diagnostic] = field(default_factory=list)
+    shared_params: int = 0               # state shared by a rule's sites (VeRA, FacT), counted once
 
     @property
     def tuner_params(self) -> int:
-        return sum(i.params for i in self.insertions)
+        return sum(i.params for i in self.insertions) + self.shared_params
 
     @property
     def trainable_params(self) -> int:
@@ -147,8 +149,9 @@ def plan(bindings: Bindings, gm: fx.GraphModule, example_input: torch.Tensor,
     parameters = dict(gm.named_parameters())
     trained_params = sum(parameters[name].numel() for name in bindings.trained if name in parameters)
     base_params = sum(p.numel() for p in parameters.values())
+    shared = plan_shared(insertions, tuner_namespace)
     return Plan(insertions, list(bindings.trained), trained_params, base_params,
-                [d for d in diagnostics if d.severity == "warning"])
+                [d for d in diagnostics if d.severity == "warning"], shared)
 
 
 def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: str) -> Insertion:
@@ -164,12 +167,13 @@ def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: st
                              f"tune '{leaf}' itself, or a module outside it")
         raise SiteError("this module is never called by the model's forward",
                          "select a module that the forward pass uses (see `utdsl inspect`)")
-    if found.calls > 1:
+    placement = placements.get(rule.placement)
+    if found.calls > 1 and placement.single_use:
         raise SiteError(f"this module is never called, and its weight is used by {found.calls} "
                          "functional calls; a tuner attaches to one use",
                          "select a module that is called, or one whose weight the forward uses once")
     module = modules.get(binding.path)
-    info, in_axis, out_axis = placements.get(rule.placement).analyze(binding, found, module, gm)
+    info, in_axis, out_axis = placement.analyze(binding, found, module, gm)
     try:
         with torch.device("meta"):
             unit = tuner_cls.build(rule.args, info)

@@ -6,6 +6,7 @@
 | sequential | y = h + U(h), or y = U(h) for residual-free tuners (affine) |
 | prompt | tokens joined to the region's input, removed at its output |
 | prefix | learned keys/values joined to K and V inside the region's attention |
+| weight | W' = U(W) used wherever W is read; merges exactly (W := U(W)) |
 
 The placement registry: one module per placement, owning its planning step (``analyze``), its
 rewriting step (``insert``) and the modules it inserts; a new placement is a new module with a
@@ -20,6 +21,7 @@ from .parallel import Parallel
 from .prefix import Prefix
 from .prompt import Prompt
 from .sequential import Sequential
+from .weight import Weight
 
 __all__ = ["Placement", "SiteError", "register", "get", "PLACEMENTS", "REGISTRY"]
 
@@ -38,7 +40,7 @@ def get(name: str) -> type[Placement] | None:
     return REGISTRY.get(name)
 
 
-for _placement in (Parallel, Sequential, Prompt, Prefix):
+for _placement in (Parallel, Sequential, Prompt, Prefix, Weight):
     register(_placement)
 
 PLACEMENTS: tuple[str, ...] = tuple(REGISTRY)

@@ -43,6 +43,8 @@ class Placement:
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
+    #: whether a site read at several places (a weight used by several functional calls) is refused
+    single_use: ClassVar[bool] = True
 
     @classmethod
     def analyze(cls, binding: Binding, found: Region, module: nn.Module | None,
