@@ -24,6 +24,16 @@ EXPECTED = {
     "utuning_parallel_block": 304_320,
     "utuning_sequential_attn": 304_320,
     "utuning_sequential_block": 304_320,
+    # weight-space methods
+    "lora_weight": 294_912,      # = lora
+    "dora": 313_344,             # lora + a magnitude per output row: 24 x 768
+    "vera": 24_576,              # 24 sites x (d: 256 + b: 768); the paper's "24.6K" on ViT-B
+    "loha": 589_824,             # 24 x 2 x (8x768 + 8x768)
+    "lokr": 26_112,              # 24 x (W1 24x24 + B2 32x8 + A2 8x32): peft's factorisation 768 = 24 x 32
+    "oft": 285_696,              # 24 x 24 blocks x 32*31/2 skew entries
+    "boft": 92_160,              # 24 x (192 blocks x 4x4 + 768 output scales), peft's layout
+    "fact_tt": 21_504,           # shared U, V 2 x 768x8 + 12 x (4 x 8x8 + fc1 32x8 + fc2 8x32)
+    "fact_tk": 13_952,           # shared U, V 12,288 + core 8^3 + P 8 x 144 columns
 }
 
 
