@@ -73,3 +73,11 @@ def test_list_shows_every_library_spec_with_its_parameters(cli):
     code, out, _ = cli("list")
     assert code == 0
     assert "lora" in out and "294,912" in out and "156,768" in out
+
+
+def test_compile_counts_shared_tuner_state_once(cli):
+    code, out, _ = cli("compile", "fact_tt", "--model", "vit_b16", "--json", "--num-classes", "10")
+    assert code == 0
+    plan = json.loads(out)
+    assert plan["shared_params"] == 2 * 768 * 8          # FacT's U and V, once for all 48 sites
+    assert plan["tuner_params"] == 21_504 and len(plan["insertions"]) == 12 * 4   # qkv{q, k, v}, proj, fc1, fc2

@@ -37,6 +37,7 @@ TUNERS = {
     "sequential": ["adapter(dim=4)", "affine()", "affine(shift=false)", "adapter(dim=2, scale=0.5)"],
     "prompt": ["tokens(length=2)", "tokens(length=1, init=normal)"],
     "prefix": ["kv(length=2)", "kv(length=3, reparam=true, hidden=8)"],
+    "weight": ["lora(r=2)", "dora(r=2)", "vera(r=4)", "oft(block_size=4)", "fact_tt(r=2)", "lokr(r=2)"],
 }
 CHUNKS = ["", "{q, v}", "{0 of 2}", "{1, 2 of 4}"]
 
@@ -59,7 +60,7 @@ def specs(draw, name: str) -> str:
     for _ in range(draw(st.integers(1, 3))):
         path = draw(st.sampled_from(patterns(name)))
         placement = draw(st.sampled_from(sorted(TUNERS)))
-        chunks = draw(st.sampled_from(CHUNKS)) if placement in ("parallel", "sequential") else ""
+        chunks = draw(st.sampled_from(CHUNKS)) if placement in ("parallel", "sequential", "weight") else ""
         lines.append(f"{path}{chunks} -> {placement} {draw(st.sampled_from(TUNERS[placement]))}")
     if draw(st.booleans()):
         lines.append("train @classifier")

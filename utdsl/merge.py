@@ -1,16 +1,31 @@
-"""``utdsl.merge``: fold mergeable tuners into the weights of the operation they tune, for
-inference at the base model's speed.
+"""``utdsl.merge``: fold every tuner that is linear in what it tunes into the weights of the
+operation beside it, for inference at the base model's speed with the base model's graph.
 
-Folded: a ``parallel lowrank`` on a linear (W += ΔW on the tuned rows) or on a Conv2d with
-groups=1 (ΔW = up ∘ down, a conv-shaped update); a ``sequential affine`` right after a linear,
-conv, layer norm or plain batch norm (its output channels scaled and shifted), or else right before
-a linear that is its only user (that linear's input columns scaled, its bias shifted: IA3 on an
-activation). A linear may be a module used functionally (``F.linear(x, qkv.weight, bias)``, its
-weight read there alone): the weight folds in place, and an affine's scale and shift fold into the
-bias's parameters (``q_bias``, ``v_bias``) only when the pieces that are not parameters (the
-``k_bias`` buffer) keep their values; otherwise the affine stays in the graph. Other tuners, and
-affines with no weight beside them, stay in the graph. The input model is not modified. A model
-with a train and an eval graph has the same tuners removed from both.
+Folded (exactly: outputs equal within float rounding, in train and eval mode):
+
+- ``weight`` tuners: W := U(W), and the leaf call ``qkv(x)`` is restored.
+- ``parallel lowrank`` on a linear, or on a Conv2d with groups=1 (a conv-shaped ΔW); a ``parallel
+  adapter`` that is linear (``activation=identity``, no norm, no dropout) on a linear or a 1x1
+  conv: W += s U D, b += s (U b_D + b_U), on the tuned rows.
+- A ``sequential affine`` (y = s h + t) or linear adapter (y = h + M h + c, M = s U D,
+  c = s (U b_D + b_U)) on the output of a linear, a conv (groups=1 for an adapter), or, for the
+  affine, a layer norm or plain batch norm: the op's output rows become s W and s b + t, or
+  W + M W and b + M b + c, per chunk. Between the op and the tuner the value may pass through
+  nodes that only move axes or do nothing (``flatten``, ``transpose``, ``permute``, Identity,
+  Dropout(0)), each with one user: timm's PatchEmbed (conv, flatten, transpose, Identity norm) and
+  LayerNorm2d (permute, ``F.layer_norm``, permute) fold so.
+- Otherwise, a sequential affine or linear adapter without chunks whose only user is a linear
+  (through Identity or Dropout(0)): that linear's input columns, W diag(s) or W + W M, its bias
+  b + W t or b + W c (IA3 on an MLP activation).
+
+A linear may be a module used functionally (``F.linear(x, qkv.weight, cat(q_bias, k_bias,
+v_bias))``, its weight read there alone): the weight folds in place and the bias into its parameter
+pieces, only when the pieces that are not parameters (timm's ``k_bias`` buffer, zeros, not in the
+state dict) keep their values; a shift on the k rows therefore stays in the graph. Everything else
+stays in the graph: nonlinear adapters, affines with no weight before them (timm's Identity ``norm``
+of average-pooled models: the next op, a layer norm, cannot absorb them) and after a norm whose
+normalised shape is not one axis, tuners on ops whose weight has another use. The input model is not
+modified. A model with a train and an eval graph has the same tuners removed from both.
 """
 
 from __future__ import annotations
@@ -19,9 +34,11 @@ import copy
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
+from . import tuners
+from .merge_sites import (CHANNELS_FIRST, RowMap, called_once, functional_linear, output_parameters,
+                          passthrough, producer)
 from .modes import ModalGraphModule
 from .placements.base import FULL
 from .placements.parallel import ParallelJoint
@@ -31,16 +48,13 @@ from .verify import compiled_info
 
 __all__ = ["merge"]
 
-_CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d)
-#: batch norms with nothing after the affine (timm's BatchNormAct2d also activates: not these)
-_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
 
 def merge(model: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``model`` with every mergeable tuner folded in and removed from the graph."""
     merged = copy.deepcopy(model)
     info = compiled_info(merged)
-    mergeable = {i.module_name for i in info.plan.insertions if i.mergeable}
+    mergeable = {i.module_name for i in info.plan.insertions
+                 if i.mergeable or hasattr(tuners.get(i.tuner), "merge_linear")}
     folded: set[str] = set()
     graphs = merged.each_graph() if isinstance(merged, ModalGraphModule) else [merged.graph]
     for index, graph in enumerate(graphs):
@@ -48,14 +62,7 @@ def merge(model: fx.GraphModule) -> fx.GraphModule:
             if node.op != "call_module" or node.target not in mergeable:
                 continue
             if index == 0 and node.target not in folded:  # weights fold once, on the first graph
-                joint = merged.get_submodule(node.target)
-                if isinstance(joint, WeightJoint):
-                    done = _fold_weight(merged, joint, node)
-                elif isinstance(joint, ParallelJoint):
-                    done = _fold_lowrank(merged, joint, node)
-                else:
-                    done = _fold_affine_after(merged, joint, node) or _fold_affine_before(merged, joint, node)
-                if done:
+                if _fold(merged, merged.get_submodule(node.target), node):
                     folded.add(node.target)
             if node.target in folded:
                 node.replace_all_uses_with(node.args[0])
@@ -72,6 +79,16 @@ def merge(model: fx.GraphModule) -> fx.GraphModule:
 
 
 @torch.no_grad()
+def _fold(gm: fx.GraphModule, joint: nn.Module, node: fx.Node) -> bool:
+    if isinstance(joint, WeightJoint):
+        return _fold_weight(gm, joint, node)
+    if isinstance(joint, ParallelJoint):
+        return _fold_parallel(gm, joint, node)
+    if isinstance(joint, SequentialJoint):
+        return _fold_after(gm, joint, node) or _fold_before(gm, joint, node)
+    return False
+
+
 def _fold_weight(gm: fx.GraphModule, joint: WeightJoint, node: fx.Node) -> bool:
     """W := U(W): exact by construction (the joints nearer the weight are folded first)."""
     read = node.args[0]
@@ -122,90 +139,82 @@ def _tuned_rows(joint: nn.Module, out: int):
     return [(unit, slice(i * size, (i + 1) * size)) for i, unit in joint._labelled_units()]
 
 
-@torch.no_grad()
-def _fold_lowrank(gm: fx.GraphModule, joint: ParallelJoint, node: fx.Node) -> bool:
+def _row_maps(joint: SequentialJoint, out: int) -> list[RowMap] | None:
+    """The sequential joint as affine maps of its output rows, or None if a unit is not linear."""
+    maps = []
+    for unit, rows in _tuned_rows(joint, out):
+        if not joint.residual and hasattr(unit, "merge_delta"):
+            scale, shift = unit.merge_delta()
+            maps.append(RowMap(rows, scale, None, shift))
+        elif joint.residual and hasattr(unit, "merge_linear") and unit.merge_linear() is not None:
+            mix, shift = unit.merge_linear()
+            maps.append(RowMap(rows, None, mix, shift))
+        else:
+            return None
+    return maps
+
+
+def _fold_parallel(gm: fx.GraphModule, joint: ParallelJoint, node: fx.Node) -> bool:
+    """y = W x + b + U(x), U(x) = ΔW x (lowrank) or M x + c (linear adapter): W += ΔW, b += c."""
     h, x = node.args
-    functional = _functional_linear(gm, h)
+    deltas = []
+    for unit, rows in _tuned_rows(joint, _out_channels(h)):
+        if hasattr(unit, "merge_linear"):
+            found = unit.merge_linear()
+            if found is None:
+                return False
+            deltas.append((rows, *found))
+        else:
+            deltas.append((rows, unit.merge_delta(), None))
+    functional = functional_linear(gm, h)
     if functional is not None:
-        weight = functional[0]
-        if _linear_values(h)["input"] is not x:
+        weight, pieces = functional
+        if dict(zip(("input",), h.args)).get("input", h.kwargs.get("input")) is not x:
+            return False
+        bias = torch.cat([t for t, _ in pieces]) if pieces else weight.new_zeros(weight.shape[0])
+        new_bias = bias.clone()
+        for rows, _, shift in deltas:
+            if shift is not None:
+                new_bias[rows] += shift.to(bias.dtype)
+        if not _write_bias_pieces(pieces, new_bias):
             return False
     else:
-        if h.op != "call_module" or h.args[:1] != (x,):
+        if h.op != "call_module" or h.args[:1] != (x,) or not called_once(gm, h):
             return False
-        linear = gm.get_submodule(h.target)
-        conv = isinstance(linear, nn.Conv2d) and getattr(joint.units[FULL], "native_layout", False)
-        if conv and linear.groups != 1:
-            return False  # ΔW = up ∘ down spans every input channel; a grouped weight cannot hold it
-        if not (isinstance(linear, nn.Linear) or conv):
+        module = gm.get_submodule(h.target)
+        weight = module.weight
+        if not _parallel_fits(module, joint, any(shift is not None for _, _, shift in deltas)):
             return False
-        weight = linear.weight
-    for unit, rows in _tuned_rows(joint, weight.shape[0]):
-        weight[rows] += unit.merge_delta().to(weight.dtype)
+        if any(shift is not None for _, _, shift in deltas):
+            _ensure_bias(module)
+            for rows, _, shift in deltas:
+                module.bias[rows] += shift.to(weight.dtype)
+    for rows, delta, _ in deltas:
+        weight[rows] += delta.reshape(weight[rows].shape if delta.dim() < weight.dim() else delta.shape).to(weight.dtype)
     return True
 
 
-def _linear_values(h: fx.Node) -> dict:
-    return dict(zip(("input", "weight", "bias"), h.args)) | dict(h.kwargs)
-
-
-def _functional_linear(gm: fx.GraphModule, h: fx.Node):
-    """(weight, bias pieces) of ``F.linear(x, weight, bias)`` whose weight is a parameter read by
-    this call alone (a module used functionally, e.g. timm's EVA/BEiT/SwinV2 ``qkv``), else None.
-    The bias pieces are ``[(tensor, is_parameter)]`` in output order: a parameter or buffer, or the
-    ``torch.cat`` of some (``q_bias``, the ``k_bias`` zeros, ``v_bias``); None for a bias built
-    otherwise, ``[]`` for no bias."""
-    if h.op != "call_function" or h.target is not F.linear:
-        return None
-    values = _linear_values(h)
-    weight, bias = values.get("weight"), values.get("bias")
-    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-        return None
-    reads = [n for n in h.graph.nodes if n.op == "get_attr" and n.target == weight.target]
-    if sum(len(n.users) for n in reads) != 1:
-        return None  # the weight is shared: folding would change its other uses
-    if bias is None:
-        return gm.get_parameter(weight.target), []
-    parts = [bias]
-    if isinstance(bias, fx.Node) and bias.op == "call_function" and bias.target is torch.cat:
-        if len(bias.users) != 1:
-            return None
-        parts, dim = bias.args[0], (bias.args[1:] or (bias.kwargs.get("dim", 0),))[0]
-        if dim not in (0, -1) or not isinstance(parts, (list, tuple)):
-            return None
-    if not all(isinstance(p, fx.Node) and p.op == "get_attr" and len(p.users) == 1 for p in parts):
-        return None
-    pieces = []
-    for part in parts:
-        tensor = gm.get_parameter(part.target) if _is_parameter(gm, part.target) else gm.get_buffer(part.target)
-        pieces.append((tensor, _is_parameter(gm, part.target)))
-    return gm.get_parameter(weight.target), pieces
-
-
-def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
-    try:
-        gm.get_parameter(target)
+def _parallel_fits(module: nn.Module, joint: ParallelJoint, adapter: bool) -> bool:
+    if isinstance(module, nn.Linear):
         return True
-    except AttributeError:
-        return False
+    if not isinstance(module, nn.Conv2d) or module.groups != 1:
+        return False  # ΔW spans every input channel; a grouped weight cannot hold it
+    if not adapter:
+        return getattr(next(iter(joint.units.values())), "native_layout", False)
+    pointwise = module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding in ((0, 0), "valid")
+    return pointwise and joint.in_axis == 1 and joint.out_axis == 1
 
 
-@torch.no_grad()
-def _fold_affine_after_functional(joint: SequentialJoint, weight: torch.Tensor, pieces: list) -> bool:
-    """Scale the rows of ``weight`` and map the bias b -> s * b + t, piece by piece; a piece that is
-    not a parameter (timm's ``k_bias`` buffer of zeros, not saved) must keep its value, or nothing
-    is folded."""
-    bias = torch.cat([t for t, _ in pieces]) if pieces else torch.zeros_like(weight[:, 0])
-    new_bias, scales = bias.clone(), torch.ones_like(bias)
-    for unit, rows in _tuned_rows(joint, weight.shape[0]):
-        scale, shift = unit.merge_delta()
-        if scale is not None:
-            scales[rows] = scale.to(bias.dtype)
-            new_bias[rows] *= scale.to(bias.dtype)
-        if shift is not None:
-            new_bias[rows] += shift.to(bias.dtype)
-    if not pieces and torch.count_nonzero(new_bias):
-        return False
+def _out_channels(h: fx.Node) -> int:
+    meta = h.meta.get("tensor_meta")
+    return meta.shape[1 if len(meta.shape) == 4 and h.op == "call_module" else -1] if meta is not None else 0
+
+
+def _write_bias_pieces(pieces: list, new_bias: torch.Tensor) -> bool:
+    """Write ``new_bias`` into the bias pieces of a functional linear: refused (nothing written)
+    when a piece that is not a parameter would change, or there is no bias and it is not zero."""
+    if not pieces:
+        return not torch.count_nonzero(new_bias)
     start, updates = 0, []
     for tensor, is_parameter in pieces:
         new = new_bias[start:start + tensor.shape[0]]
@@ -214,89 +223,80 @@ def _fold_affine_after_functional(joint: SequentialJoint, weight: torch.Tensor, 
             if not is_parameter:
                 return False
             updates.append((tensor, new))
-    weight *= scales.reshape((-1,) + (1,) * (weight.dim() - 1)).to(weight.dtype)
     for tensor, new in updates:
         tensor.copy_(new)
     return True
 
 
-def _output_parameters(gm: fx.GraphModule, h: fx.Node):
-    """(weight, bias, owner) of the op that produced ``h`` when an affine on its output channels can
-    be folded into it; ``owner`` is the module (None for a functional call whose bias must exist)."""
-    if h.op == "call_module":
-        module = gm.get_submodule(h.target)
-        if isinstance(module, nn.LayerNorm) and not module.elementwise_affine:
-            return None
-        if isinstance(module, (nn.Linear, nn.LayerNorm, *_CHANNELS_FIRST)):
-            return module.weight, module.bias, module
-        if type(module) in _PLAIN_BATCH_NORMS and module.affine:  # s (g x^ + b) + t, batch or running x^
-            return module.weight, module.bias, module
-        return None
-    if h.op == "call_function" and h.target in (F.linear, F.layer_norm):
-        names = ("input", "weight", "bias") if h.target is F.linear else ("input", "normalized_shape", "weight", "bias")
-        values = dict(zip(names, h.args)) | dict(h.kwargs)
-        weight, bias = values.get("weight"), values.get("bias")
-        if all(isinstance(v, fx.Node) and v.op == "get_attr" for v in (weight, bias)):
-            return gm.get_parameter(weight.target), gm.get_parameter(bias.target), None
-    return None
+def _ensure_bias(module: nn.Module) -> None:
+    if module.bias is None:
+        module.bias = nn.Parameter(module.weight.new_zeros(module.weight.shape[0]), requires_grad=False)
 
 
-@torch.no_grad()
-def _fold_affine_after(gm: fx.GraphModule, joint: SequentialJoint, node: fx.Node) -> bool:
-    if joint.residual:
-        return False
-    functional = _functional_linear(gm, node.args[0])
-    if functional is not None:
-        return joint.out_axis == -1 and _fold_affine_after_functional(joint, *functional)
-    found = _output_parameters(gm, node.args[0])
+def _fold_after(gm: fx.GraphModule, joint: SequentialJoint, node: fx.Node) -> bool:
+    """y = A (W x + b) + c: the op's rows become A W, A b + c (A = diag(s) or I + M, per chunk)."""
+    found = producer(gm, node.args[0], joint.out_axis)
     if found is None:
         return False
-    weight, bias, owner = found
-    if isinstance(owner, (*_CHANNELS_FIRST, *_PLAIN_BATCH_NORMS)) != (joint.out_axis == 1):
+    op, axis, ndim = found
+    functional = functional_linear(gm, op)
+    if functional is not None:
+        weight, pieces = functional
+        maps = _row_maps(joint, weight.shape[0])
+        if axis != ndim - 1 or maps is None:
+            return False
+        bias = torch.cat([t for t, _ in pieces]) if pieces else weight.new_zeros(weight.shape[0])
+        new_bias = bias.clone()
+        for m in maps:
+            new_bias[m.rows] = m.apply(bias[m.rows])
+        if not _write_bias_pieces(pieces, new_bias):
+            return False
+        for m in maps:
+            weight[m.rows] = m.apply(weight[m.rows])
+        return True
+    params = output_parameters(gm, op)
+    if params is None:
         return False
+    weight, bias, owner, channels_first = params
+    maps = _row_maps(joint, weight.shape[0])
+    if maps is None or axis != (1 if channels_first else ndim - 1):
+        return False
+    if any(m.mix is not None for m in maps):  # mixing channels needs a full, ungrouped weight
+        if not isinstance(owner, (nn.Linear, *CHANNELS_FIRST)) or getattr(owner, "groups", 1) != 1:
+            return False
     if bias is None:
-        owner.bias = bias = nn.Parameter(weight.new_zeros(weight.shape[0]), requires_grad=False)
-    for unit, rows in _tuned_rows(joint, weight.shape[0]):
-        scale, shift = unit.merge_delta()
-        if scale is not None:
-            weight[rows] *= scale.reshape((-1,) + (1,) * (weight.dim() - 1)).to(weight.dtype)
-            bias[rows] *= scale.to(bias.dtype)
-        if shift is not None:
-            bias[rows] += shift.to(bias.dtype)
+        if owner is None:
+            return False
+        _ensure_bias(owner)
+        bias = owner.bias
+    for m in maps:
+        weight[m.rows] = m.apply(weight[m.rows])
+        bias[m.rows] = m.apply(bias[m.rows])
     return True
 
 
-def _passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """An inference no-op between an affine and the linear it folds into."""
-    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-        return False
-    module = gm.get_submodule(node.target)
-    return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and module.p == 0.0)
-
-
-@torch.no_grad()
-def _fold_affine_before(gm: fx.GraphModule, joint: SequentialJoint, node: fx.Node) -> bool:
-    """y = W (s * a + t) + b = (W diag(s)) a + (W t + b), for an affine whose only user is a linear."""
-    if joint.residual or joint.chunk_indices is not None or joint.out_axis != -1:
+def _fold_before(gm: fx.GraphModule, joint: SequentialJoint, node: fx.Node) -> bool:
+    """y = W (A a + c) + b = (W A) a + (W c + b), for a tuner whose only user is a linear."""
+    if joint.chunk_indices is not None or joint.out_axis != -1:
         return False
     value = node
-    while len(value.users) == 1 and _passthrough(gm, next(iter(value.users))):
+    while len(value.users) == 1 and passthrough(gm, next(iter(value.users))):
         value = next(iter(value.users))
     if len(value.users) != 1:
         return False
     (user,) = value.users
-    if user.op != "call_module" or user.args != (value,) or user.kwargs:
+    if user.op != "call_module" or user.args != (value,) or user.kwargs or not called_once(gm, user):
         return False
     linear = gm.get_submodule(user.target)
     if not isinstance(linear, nn.Linear):
         return False
-    scale, shift = joint.units[FULL].merge_delta()
+    maps = _row_maps(joint, linear.in_features)
+    if maps is None:
+        return False
+    (m,) = maps
     weight = linear.weight
-    if shift is not None:
-        if linear.bias is None:
-            linear.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
-                                       requires_grad=False)
-        linear.bias += weight @ shift.to(weight.dtype)
-    if scale is not None:
-        weight *= scale.to(weight.dtype)
+    if m.shift is not None:
+        _ensure_bias(linear)
+        linear.bias += weight @ m.shift.to(weight.dtype)
+    weight.copy_(m.apply(weight.T).T)
     return True

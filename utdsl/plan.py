@@ -92,6 +92,7 @@ class Plan:
             "insertions": [i.describe() for i in self.insertions],
             "trained": self.trained,
             "tuner_params": self.tuner_params,
+            "shared_params": self.shared_params,
             "trained_base_params": self.trained_params,
             "trainable_params": self.trainable_params,
             "base_params": self.base_params,

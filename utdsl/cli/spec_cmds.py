@@ -113,6 +113,8 @@ def plan_table(the_plan, title: str) -> Table:
         table.add_column(column, justify="right" if column in ("sites", "params") else "left")
     for (site, placement, tuner, dims, params), (count,) in rows.items():
         table.add_row(site, placement, tuner, dims, str(count), f"{params * count:,}")
+    if the_plan.shared_params:
+        table.add_row("(shared by a rule's sites)", "", "", "", "", f"{the_plan.shared_params:,}")
     return table
 
 
