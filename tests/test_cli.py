@@ -6,9 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
-
 
 def test_check_reports_rules_and_bindings(cli):
     code, out, _ = cli("check", "lora", "--set", "r=16")

@@ -21,12 +21,13 @@ FAMILIES = {
                                                window_size=4), 64),
 }
 
-#: tuners left in the graph by merge: IA3's scale on a gated MLP's activation (its user is a product,
-#: not a linear), SSF's shift on qkv (the k rows' bias is timm's unsaved k_bias buffer) and on
-#: modules without weights (the patch embedding's flatten, the Identity ``norm`` of avg-pool models)
+#: tuners left in the graph by merge: IA3's scale on a gated MLP's activation (the other factor of
+#: its product is a chunk of the fused fc1, not an op of its own), SSF's shift on qkv (the k rows'
+#: bias is timm's unsaved k_bias buffer) and on the Identity ``norm`` of avg-pool models (no weight
+#: before it; the fc_norm layer norm after it cannot absorb it)
 LEFT_AFTER_MERGE = {
-    ("eva02", "lora"): 0, ("eva02", "ia3"): 2, ("eva02", "ssf"): 4,
-    ("beit", "lora"): 0, ("beit", "ia3"): 0, ("beit", "ssf"): 4,
+    ("eva02", "lora"): 0, ("eva02", "ia3"): 2, ("eva02", "ssf"): 3,
+    ("beit", "lora"): 0, ("beit", "ia3"): 0, ("beit", "ssf"): 3,
     ("swinv2", "lora"): 0, ("swinv2", "ia3"): 0, ("swinv2", "ssf"): 2,
 }
 

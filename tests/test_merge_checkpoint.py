@@ -24,7 +24,7 @@ def trained(spec: str, seed: int = 5):
 
 @pytest.mark.parametrize("spec, left", [
     ("lora", 0), ("ia3", 0),
-    ("ssf", 1),  # the affine after the patch embedding's flatten has no weight next to it
+    ("ssf", 0),  # the patch embedding's affine folds into its conv, through flatten and transpose
     ("attn.qkv{q, v} -> parallel lowrank(r=4)\nattn.qkv -> sequential affine()\nmlp -> sequential adapter(dim=4)", 2),
 ])
 def test_merge_folds_mergeable_tuners_with_equal_outputs(spec, left, images):

@@ -18,12 +18,14 @@ from torch import nn
 from .checkpoint import load_tuners, save_tuners
 from .compiler import compile, load_spec, parse_spec
 from .errors import CheckpointError, DataError, ModelError, SpecError, UtdslError
+from .export import export_merged, export_peft
 from .merge import merge
+from .peft_import import load_peft
 from .verify import Report, verify
 
 __all__ = [
     "__version__", "parse_spec", "load_spec", "compile", "trainable_parameters", "merge",
-    "save_tuners", "load_tuners", "verify", "Report",
+    "export_merged", "export_peft", "load_peft", "save_tuners", "load_tuners", "verify", "Report",
     "UtdslError", "SpecError", "ModelError", "CheckpointError", "DataError",
 ]
 

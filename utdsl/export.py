@@ -92,6 +92,12 @@ def export_merged(model: nn.Module, path: str | os.PathLike, *, metadata: dict[s
                          f"the weights and would stay in the graph: {_listing(left)}",
                          hint="merge folds lowrank, affine and weight tuners; keep the tuners with "
                               "utdsl.save_tuners, or pickle the whole model with torch.save")
+    added = merged.meta.get("utdsl_merge_added", [])
+    if added:
+        raise ModelError(f"cannot export a merged model: folding a shift adds parameters the base model "
+                         f"does not have ({_listing(added)}), which a plain model cannot load",
+                         hint="a shift folds into an op without a bias only by adding one; use "
+                              "affine(shift=false) there, or keep the tuners with utdsl.save_tuners")
     prefix = info.plan_namespace + "."
     state = {k: v for k, v in merged.state_dict().items() if not k.startswith(prefix)}
     meta = {"format": "pt", "utdsl.model": info.model_name, "utdsl.spec": info.spec.name or ""}
@@ -114,7 +120,7 @@ def _site_lora(gm: nn.Module, insertions: list) -> dict:
     where = _listing([_describe(i) for i in insertions])
     if not isinstance(linear, nn.Linear):
         raise ModelError(f"cannot export {where} as PEFT LoRA: only nn.Linear sites are exported, "
-                         f"'{site}' is a {type(linear).__name__}")
+                         f"'{site}' is not one")
     if not _module_called(gm, site):
         raise ModelError(f"cannot export {where} as PEFT LoRA: the model uses the weight of '{site}' "
                          "functionally (F.linear(x, weight)), which peft's LoRA layer does not see")

@@ -24,21 +24,23 @@ pieces, only when the pieces that are not parameters (timm's ``k_bias`` buffer, 
 state dict) keep their values; a shift on the k rows therefore stays in the graph. Everything else
 stays in the graph: nonlinear adapters, affines with no weight before them (timm's Identity ``norm``
 of average-pooled models: the next op, a layer norm, cannot absorb them) and after a norm whose
-normalised shape is not one axis, tuners on ops whose weight has another use. The input model is not
-modified. A model with a train and an eval graph has the same tuners removed from both.
+normalised shape is not one axis, tuners on ops whose weight has another use. A fold of a shift into
+an op without a bias gives it one: the names of such new parameters, absent from the base model's
+state dict, are ``merged.meta["utdsl_merge_added"]``. The input model is not modified. A model with
+a train and an eval graph has the same tuners removed from both.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from . import tuners
-from .merge_sites import (CHANNELS_FIRST, RowMap, called_once, functional_linear, output_parameters,
-                          passthrough, producer)
+from .merge_sites import (CHANNELS_FIRST, RowMap, called_once, functional_linear, linear_values,
+                          output_parameters, passthrough, producer)
 from .modes import ModalGraphModule
 from .placements.base import FULL
 from .placements.parallel import ParallelJoint
@@ -53,14 +55,14 @@ def merge(model: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``model`` with every mergeable tuner folded in and removed from the graph."""
     merged = copy.deepcopy(model)
     info = compiled_info(merged)
-    mergeable = {i.module_name for i in info.plan.insertions
-                 if i.mergeable or hasattr(tuners.get(i.tuner), "merge_linear")}
+    mergeable = {i.module_name for i in info.plan.insertions if i.mergeable}
     folded: set[str] = set()
     graphs = merged.each_graph() if isinstance(merged, ModalGraphModule) else [merged.graph]
     for index, graph in enumerate(graphs):
-        for node in list(graph.nodes):
-            if node.op != "call_module" or node.target not in mergeable:
-                continue
+        joints = [n for n in graph.nodes if n.op == "call_module" and n.target in mergeable]
+        # output-side folds first: a sequential tuner then sees the linear after it as its only user
+        joints.sort(key=lambda n: isinstance(merged.get_submodule(n.target), SequentialJoint))
+        for node in joints:
             if index == 0 and node.target not in folded:  # weights fold once, on the first graph
                 if _fold(merged, merged.get_submodule(node.target), node):
                     folded.add(node.target)
@@ -74,6 +76,8 @@ def merge(model: fx.GraphModule) -> fx.GraphModule:
         merged.delete_submodule(target)
     for name in _unused_shared(info.plan, folded):
         merged.delete_submodule(name)
+    # parameters a fold had to create (the bias of an op that had none): not in the base's state dict
+    merged.meta["utdsl_merge_added"] = sorted(set(merged.state_dict()) - set(model.state_dict()))
     merged.meta["utdsl_merged"] = True
     return merged
 
@@ -85,7 +89,7 @@ def _fold(gm: fx.GraphModule, joint: nn.Module, node: fx.Node) -> bool:
     if isinstance(joint, ParallelJoint):
         return _fold_parallel(gm, joint, node)
     if isinstance(joint, SequentialJoint):
-        return _fold_after(gm, joint, node) or _fold_before(gm, joint, node)
+        return _fold_after(gm, joint, node) or _fold_before(gm, joint, node) or _fold_into_product(gm, joint, node)
     return False
 
 
@@ -157,57 +161,53 @@ def _row_maps(joint: SequentialJoint, out: int) -> list[RowMap] | None:
 def _fold_parallel(gm: fx.GraphModule, joint: ParallelJoint, node: fx.Node) -> bool:
     """y = W x + b + U(x), U(x) = ΔW x (lowrank) or M x + c (linear adapter): W += ΔW, b += c."""
     h, x = node.args
-    deltas = []
-    for unit, rows in _tuned_rows(joint, _out_channels(h)):
-        if hasattr(unit, "merge_linear"):
-            found = unit.merge_linear()
-            if found is None:
-                return False
-            deltas.append((rows, *found))
-        else:
-            deltas.append((rows, unit.merge_delta(), None))
     functional = functional_linear(gm, h)
     if functional is not None:
         weight, pieces = functional
-        if dict(zip(("input",), h.args)).get("input", h.kwargs.get("input")) is not x:
+        if linear_values(h).get("input") is not x:
             return False
+    elif h.op == "call_module" and h.args[:1] == (x,) and called_once(gm, h):
+        module = gm.get_submodule(h.target)
+        weight = module.weight
+    else:
+        return False
+    deltas = []
+    for unit, rows in _tuned_rows(joint, weight.shape[0]):
+        found = unit.merge_linear() if hasattr(unit, "merge_linear") else (unit.merge_delta(), None)
+        if found is None:
+            return False
+        deltas.append((rows, *found))
+    shifts = [(rows, shift) for rows, _, shift in deltas if shift is not None]
+    if functional is not None:
         bias = torch.cat([t for t, _ in pieces]) if pieces else weight.new_zeros(weight.shape[0])
         new_bias = bias.clone()
-        for rows, _, shift in deltas:
-            if shift is not None:
-                new_bias[rows] += shift.to(bias.dtype)
+        for rows, shift in shifts:
+            new_bias[rows] += shift.to(bias.dtype)
         if not _write_bias_pieces(pieces, new_bias):
             return False
     else:
-        if h.op != "call_module" or h.args[:1] != (x,) or not called_once(gm, h):
+        if not _parallel_fits(module, joint):
             return False
-        module = gm.get_submodule(h.target)
-        weight = module.weight
-        if not _parallel_fits(module, joint, any(shift is not None for _, _, shift in deltas)):
-            return False
-        if any(shift is not None for _, _, shift in deltas):
+        if shifts:
             _ensure_bias(module)
-            for rows, _, shift in deltas:
-                module.bias[rows] += shift.to(weight.dtype)
+        for rows, shift in shifts:
+            module.bias[rows] += shift.to(weight.dtype)
     for rows, delta, _ in deltas:
-        weight[rows] += delta.reshape(weight[rows].shape if delta.dim() < weight.dim() else delta.shape).to(weight.dtype)
+        weight[rows] += delta.reshape(weight[rows].shape).to(weight.dtype)
     return True
 
 
-def _parallel_fits(module: nn.Module, joint: ParallelJoint, adapter: bool) -> bool:
+def _parallel_fits(module: nn.Module, joint: ParallelJoint) -> bool:
+    """A linear; a Conv2d with groups=1 for a conv-shaped lowrank, or a 1x1 one for an adapter."""
     if isinstance(module, nn.Linear):
         return True
     if not isinstance(module, nn.Conv2d) or module.groups != 1:
         return False  # ΔW spans every input channel; a grouped weight cannot hold it
-    if not adapter:
-        return getattr(next(iter(joint.units.values())), "native_layout", False)
+    unit = next(iter(joint.units.values()))
+    if not hasattr(unit, "merge_linear"):
+        return getattr(unit, "native_layout", False)
     pointwise = module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding in ((0, 0), "valid")
     return pointwise and joint.in_axis == 1 and joint.out_axis == 1
-
-
-def _out_channels(h: fx.Node) -> int:
-    meta = h.meta.get("tensor_meta")
-    return meta.shape[1 if len(meta.shape) == 4 and h.op == "call_module" else -1] if meta is not None else 0
 
 
 def _write_bias_pieces(pieces: list, new_bias: torch.Tensor) -> bool:
@@ -235,20 +235,48 @@ def _ensure_bias(module: nn.Module) -> None:
 
 def _fold_after(gm: fx.GraphModule, joint: SequentialJoint, node: fx.Node) -> bool:
     """y = A (W x + b) + c: the op's rows become A W, A b + c (A = diag(s) or I + M, per chunk)."""
-    found = producer(gm, node.args[0], joint.out_axis)
+    return _fold_into_producer(gm, node.args[0], joint.out_axis, lambda out: _row_maps(joint, out))
+
+
+def _fold_into_product(gm: fx.GraphModule, joint: SequentialJoint, node: fx.Node) -> bool:
+    """(s ⊙ a) ⊙ b = a ⊙ (s ⊙ b): a scale (no shift) on one factor of a product of two equal-shaped
+    values folds into the op producing the other (IA3 on a gated MLP's activation)."""
+    if joint.residual or len(node.users) != 1:
+        return False
+    (user,) = node.users
+    if user.op != "call_function" or user.target not in (operator.mul, torch.mul) or user.kwargs \
+            or len(user.args) != 2 or user.args[0] is user.args[1]:
+        return False
+    other = user.args[1] if user.args[0] is node else user.args[0]
+    shapes = [getattr(v.meta.get("tensor_meta"), "shape", None) if isinstance(v, fx.Node) else None
+              for v in (node, other)]
+    if shapes[0] is None or shapes[0] != shapes[1]:
+        return False
+
+    def maps(out: int) -> list[RowMap] | None:
+        found = _row_maps(joint, out)
+        return None if found is None or any(m.shift is not None for m in found) else found
+
+    return _fold_into_producer(gm, other, joint.out_axis, maps)
+
+
+def _fold_into_producer(gm: fx.GraphModule, value: fx.Node, axis: int, make_maps) -> bool:
+    """Fold ``make_maps(out channels)`` into the op whose output reaches ``value`` (channel axis
+    ``axis``) through nodes that only move axes."""
+    found = producer(gm, value, axis)
     if found is None:
         return False
     op, axis, ndim = found
     functional = functional_linear(gm, op)
     if functional is not None:
         weight, pieces = functional
-        maps = _row_maps(joint, weight.shape[0])
+        maps = make_maps(weight.shape[0])
         if axis != ndim - 1 or maps is None:
             return False
         bias = torch.cat([t for t, _ in pieces]) if pieces else weight.new_zeros(weight.shape[0])
         new_bias = bias.clone()
         for m in maps:
-            new_bias[m.rows] = m.apply(bias[m.rows])
+            new_bias[m.rows] = m.apply_bias(bias[m.rows])
         if not _write_bias_pieces(pieces, new_bias):
             return False
         for m in maps:
@@ -258,7 +286,7 @@ def _fold_after(gm: fx.GraphModule, joint: SequentialJoint, node: fx.Node) -> bo
     if params is None:
         return False
     weight, bias, owner, channels_first = params
-    maps = _row_maps(joint, weight.shape[0])
+    maps = make_maps(weight.shape[0])
     if maps is None or axis != (1 if channels_first else ndim - 1):
         return False
     if any(m.mix is not None for m in maps):  # mixing channels needs a full, ungrouped weight
@@ -271,13 +299,14 @@ def _fold_after(gm: fx.GraphModule, joint: SequentialJoint, node: fx.Node) -> bo
         bias = owner.bias
     for m in maps:
         weight[m.rows] = m.apply(weight[m.rows])
-        bias[m.rows] = m.apply(bias[m.rows])
+        bias[m.rows] = m.apply_bias(bias[m.rows])
     return True
 
 
 def _fold_before(gm: fx.GraphModule, joint: SequentialJoint, node: fx.Node) -> bool:
-    """y = W (A a + c) + b = (W A) a + (W c + b), for a tuner whose only user is a linear."""
-    if joint.chunk_indices is not None or joint.out_axis != -1:
+    """y = W (A a + c) + b = (W A) a + (W c + b), for a tuner whose only user is a linear (or a 1x1
+    conv without padding or groups, on channels-first values)."""
+    if joint.chunk_indices is not None:
         return False
     value = node
     while len(value.users) == 1 and passthrough(gm, next(iter(value.users))):
@@ -287,16 +316,19 @@ def _fold_before(gm: fx.GraphModule, joint: SequentialJoint, node: fx.Node) -> b
     (user,) = value.users
     if user.op != "call_module" or user.args != (value,) or user.kwargs or not called_once(gm, user):
         return False
-    linear = gm.get_submodule(user.target)
-    if not isinstance(linear, nn.Linear):
-        return False
-    maps = _row_maps(joint, linear.in_features)
+    module = gm.get_submodule(user.target)
+    if isinstance(module, nn.Linear):
+        fits = joint.out_axis == -1
+    else:
+        fits = joint.out_axis == 1 and isinstance(module, CHANNELS_FIRST) and module.groups == 1 \
+            and set(module.kernel_size) == {1} and set(module.padding) == {0}
+    maps = _row_maps(joint, module.weight.shape[1]) if fits else None
     if maps is None:
         return False
     (m,) = maps
-    weight = linear.weight
+    weight = module.weight.view(module.weight.shape[0], -1)  # a 1x1 conv's weight is (out, in, 1, 1)
     if m.shift is not None:
-        _ensure_bias(linear)
-        linear.bias += weight @ m.shift.to(weight.dtype)
-    weight.copy_(m.apply(weight.T).T)
+        _ensure_bias(module)
+        module.bias += weight @ m.shift.to(weight.dtype)
+    weight.copy_(m.right(weight))
     return True

@@ -186,7 +186,8 @@ def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: st
         site=binding.path, placement=rule.placement, tuner=rule.tuner.name, args=rule.args,
         chunks=binding.chunks, info=info, in_axis=in_axis, out_axis=out_axis,
         params=per_unit * units, identity_at_init=tuner_cls.identity_at_init(rule.args),
-        mergeable=rule.placement in tuner_cls.mergeable and info.extras.get("conv", {}).get("groups", 1) == 1,
+        mergeable=tuner_cls.mergeable_with(rule.args, rule.placement)
+        and info.extras.get("conv", {}).get("groups", 1) == 1,
         rule_line=rule.span.line,
         module_name=f"{namespace}.{binding.path}.{rule.placement}_{rule.tuner.name}",
     )

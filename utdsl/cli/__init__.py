@@ -43,6 +43,9 @@ def _register_commands() -> None:
     except ImportError:  # pragma: no cover - the runtime commands are optional during development
         return
     run_cmds.register(app)
+    from . import export_cmd
+
+    export_cmd.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

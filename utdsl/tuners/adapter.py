@@ -69,3 +69,19 @@ class Adapter(Tuner):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.dropout(self.act(self.down(self.norm(x))))) * self.scale
+
+    @classmethod
+    def mergeable_with(cls, args: AdapterArgs, placement: str) -> bool:
+        """A linear adapter (RepAdapter-style: no activation, norm or dropout) folds; others do not."""
+        return (placement in ("parallel", "sequential") and args.activation == "identity"
+                and not args.norm and args.dropout == 0.0)
+
+    def merge_linear(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(M, c) with U(x) = M x + c, M = s U D and c = s (U b_D + b_U), when U is affine in x
+        (``activation=identity``, no norm, no dropout: RepAdapter-style), else None."""
+        if not all(isinstance(m, nn.Identity) for m in (self.norm, self.act, self.dropout)):
+            return None
+        with torch.no_grad():
+            mix = self.scale * (self.up.weight @ self.down.weight)
+            shift = self.scale * self.up(self.down(self.down.weight.new_zeros(self.down.in_features)))
+        return mix, shift

@@ -54,6 +54,11 @@ class Tuner(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def mergeable_with(cls, args: TunerArgs, placement: str) -> bool:
+        """Whether, built with ``args``, ``utdsl.merge`` may fold this tuner in ``placement``."""
+        return placement in cls.mergeable
+
+    @classmethod
     def identity_at_init(cls, args: TunerArgs) -> bool:
         """Whether, built with ``args``, this tuner leaves its site's output unchanged at step 0."""
         return True
