@@ -194,11 +194,13 @@ def worker(variant: str, args) -> dict:
     return row
 
 
-def _run_isolated(variant: str, argv: list[str]) -> dict:
+def run_isolated(variant: str, argv: list[str], script: str = __file__) -> dict:
+    """Run ``script``'s ``--worker variant`` in a process of its own (a clean peak RSS) and return
+    the JSON it writes; an ``error`` row when it fails."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = handle.name
     try:
-        command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", variant, "--worker-out", out]
+        command = [sys.executable, os.path.abspath(script), *argv, "--worker", variant, "--worker-out", out]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             return {"variant": variant, "error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     passthrough += ["--device", args.device, "--precision", args.precision]
     rows = []
     for variant in variants:
-        rows.append(_run_isolated(variant, passthrough))
+        rows.append(run_isolated(variant, passthrough))
         print(f"  {variant}: {rows[-1].get('error') or 'done'}", file=sys.stderr, flush=True)
     print(report(rows, args))
     if args.json_out:

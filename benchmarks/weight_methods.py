@@ -43,18 +43,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import Memory, _forward, _train_step  # noqa: E402  (shared helpers)
+from train_step import Memory, _forward, _train_step, run_isolated  # noqa: E402  (shared helpers)
 
 #: method -> (PEFT config class, its arguments, {utdsl unit parameter: peft adapter attribute} or None: same names)
 PEFT_METHODS: dict[str, tuple[str, dict, dict | None]] = {
@@ -255,17 +252,7 @@ def rss_worker(variant: str, args) -> dict:
 
 
 def rss_isolated(variant: str, argv: list[str]) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        out = handle.name
-    try:
-        command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", variant, "--worker-out", out]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            return {"variant": variant, "error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
-        with open(out) as handle:
-            return json.load(handle)
-    finally:
-        os.unlink(out)
+    return run_isolated(variant, argv, script=__file__)
 
 
 def measure(args, argv: list[str]) -> dict:

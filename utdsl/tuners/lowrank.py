@@ -25,6 +25,17 @@ class LowRankArgs(TunerArgs):
     init: Literal["kaiming", "gaussian"] = Field("kaiming", description="initialisation of A (B is zero)")
 
 
+def _init_low_rank(unit: nn.Module, args: LowRankArgs) -> None:
+    """The paper's init of ``unit.down``/``unit.up`` (B zero), its dropout and its scaling alpha / r."""
+    unit.dropout = nn.Dropout(args.dropout) if args.dropout else nn.Identity()
+    unit.scaling = (args.alpha if args.alpha is not None else args.r) / args.r
+    if args.init == "kaiming":
+        nn.init.kaiming_uniform_(unit.down.weight, a=math.sqrt(5))
+    else:
+        nn.init.normal_(unit.down.weight, std=1.0 / args.r)
+    nn.init.zeros_(unit.up.weight)
+
+
 @register
 class LowRank(Tuner):
     name = "lowrank"
@@ -39,13 +50,7 @@ class LowRank(Tuner):
         super().__init__()
         self.down = nn.Linear(in_features, args.r, bias=False)
         self.up = nn.Linear(args.r, out_features, bias=False)
-        self.dropout = nn.Dropout(args.dropout) if args.dropout else nn.Identity()
-        self.scaling = (args.alpha if args.alpha is not None else args.r) / args.r
-        if args.init == "kaiming":
-            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        else:
-            nn.init.normal_(self.down.weight, std=1.0 / args.r)
-        nn.init.zeros_(self.up.weight)
+        _init_low_rank(self, args)
 
     @classmethod
     def build(cls, args: LowRankArgs, site: SiteInfo) -> "LowRank | ConvLowRank":
@@ -95,13 +100,7 @@ class ConvLowRank(nn.Module):
         self.down = nn.Conv2d(in_channels, args.r, conv["kernel_size"], conv["stride"], conv["padding"],
                               conv["dilation"], bias=False, padding_mode=conv.get("padding_mode", "zeros"))
         self.up = nn.Conv2d(args.r, out_channels, 1, bias=False)
-        self.dropout = nn.Dropout(args.dropout) if args.dropout else nn.Identity()
-        self.scaling = (args.alpha if args.alpha is not None else args.r) / args.r
-        if args.init == "kaiming":
-            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        else:
-            nn.init.normal_(self.down.weight, std=1.0 / args.r)
-        nn.init.zeros_(self.up.weight)
+        _init_low_rank(self, args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(self.dropout(x)) * self.scaling)
