@@ -175,3 +175,10 @@ def test_sites_without_a_weight_are_errors_at_the_rule(spec, column, message):
     diagnostic = caught.value.diagnostics[0]
     assert (diagnostic.line, diagnostic.column) == (spec.count("\n") + 1, column)
     assert message in diagnostic.message
+
+
+def test_one_reason_at_many_sites_is_one_diagnostic_naming_them():
+    with pytest.raises(SpecError) as caught:
+        utdsl.compile("blocks.*.attn -> weight lora(r=2)", tiny_vit(), X)
+    (diagnostic,) = caught.value.diagnostics
+    assert diagnostic.message.startswith("blocks.0.attn (and 1 more like it: blocks.1.attn): weight needs")

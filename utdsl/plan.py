@@ -141,11 +141,15 @@ def plan(bindings: Bindings, gm: fx.GraphModule, example_input: torch.Tensor,
     modules = dict(gm.named_modules())
     insertions: list[Insertion] = []
     diagnostics: list[Diagnostic] = list(bindings.warnings)
+    failed: dict[tuple, list[str]] = {}   # one diagnostic per rule and reason, naming its sites
     for binding in bindings.bindings:
         try:
             insertions.append(_plan_one(binding, gm, modules, tuner_namespace))
         except SiteError as error:
-            diagnostics.append(Diagnostic(f"{binding.path}: {error.message}", binding.rule.span, error.hint))
+            failed.setdefault((binding.rule.span, error.message, error.hint), []).append(binding.path)
+    for (span, message, hint), paths in failed.items():
+        more = f" (and {len(paths) - 1} more like it: {_listing(paths[1:])})" if len(paths) > 1 else ""
+        diagnostics.append(Diagnostic(f"{paths[0]}{more}: {message}", span, hint))
     raise_if_any(diagnostics, SpecError)
     parameters = dict(gm.named_parameters())
     trained_params = sum(parameters[name].numel() for name in bindings.trained if name in parameters)
@@ -153,6 +157,10 @@ def plan(bindings: Bindings, gm: fx.GraphModule, example_input: torch.Tensor,
     shared = plan_shared(insertions, tuner_namespace)
     return Plan(insertions, list(bindings.trained), trained_params, base_params,
                 [d for d in diagnostics if d.severity == "warning"], shared)
+
+
+def _listing(paths: list[str], most: int = 3) -> str:
+    return ", ".join(paths[:most]) + (", ..." if len(paths) > most else "")
 
 
 def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: str) -> Insertion:
