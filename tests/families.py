@@ -18,6 +18,7 @@ from torch import nn
 
 import utdsl
 from utdsl.errors import UtdslError
+from utdsl.placements.base import has_module
 
 __all__ = ["Family", "FAMILIES", "COLUMNS", "Outcome", "run_cell"]
 
@@ -188,7 +189,7 @@ def _check(family: Family, column: str, base: nn.Module, tuned: nn.Module, x: to
         return Outcome("works", f"{plan.tuner_params:,} tuner params")
     _perturb(tuned)
     merged = utdsl.merge(tuned)
-    left = [i.module_name for i in plan.insertions if _has(merged, i.module_name)]
+    left = [i.module_name for i in plan.insertions if has_module(merged, i.module_name)]
     with torch.no_grad():
         diff = (family.call(merged, x) - family.call(tuned, x)).abs().max().item()
     if diff > 1e-4:
@@ -205,12 +206,3 @@ def _perturb(model: nn.Module) -> None:
         for name, p in model.named_parameters():
             if name.startswith("tuners."):
                 p.add_(torch.randn(p.shape, generator=generator).to(p) * 0.05)
-
-
-def _has(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-

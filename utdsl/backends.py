@@ -204,16 +204,17 @@ def export_graph(model: nn.Module, example_input: torch.Tensor | None = None) ->
             function, arity = mapping[node.target]
             node.target = function
             node.args = node.args[:arity]
-        if node.op == "get_attr" and not _resolves(model, node.target):
+        if node.op == "get_attr" and not has_attr_path(model, node.target):
             owner, _, name = node.target.rpartition(".")
             value = exported.get_submodule(owner) if owner else exported
-            target = model.get_submodule(owner) if owner and _resolves(model, owner) else model
+            target = model.get_submodule(owner) if owner and has_attr_path(model, owner) else model
             target.register_buffer(name, getattr(value, name), persistent=False)
     graph._utdsl_specs = (exported._in_spec, exported._out_spec)
     return graph
 
 
-def _resolves(model: nn.Module, target: str) -> bool:
+def has_attr_path(model: nn.Module, target: str) -> bool:
+    """Whether the dotted ``target`` resolves to an attribute of ``model``."""
     for item in target.split("."):
         if not hasattr(model, item):
             return False

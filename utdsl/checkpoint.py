@@ -78,6 +78,9 @@ def _shown(value: Any) -> str:
     return "absent" if value is _ABSENT else repr(value)
 
 
+_TRACKING_NORMS = (nn.modules.batchnorm._NormBase,)
+
+
 def running_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
     """The buffers that a training step changes though nothing trains them: the running mean,
     variance and batch count of every norm layer that tracks them (a CNN's batch norms update
@@ -89,9 +92,6 @@ def running_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
                 if buffer is not None:
                     found[f"{path}.{name}" if path else name] = buffer
     return found
-
-
-_TRACKING_NORMS = (nn.modules.batchnorm._NormBase,)
 
 
 def tuner_buffers(model: nn.Module) -> dict[str, torch.Tensor]:

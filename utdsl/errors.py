@@ -124,6 +124,13 @@ def closest(word: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.
     return difflib.get_close_matches(word, list(dict.fromkeys(candidates)), n=n, cutoff=cutoff)
 
 
+def listing(items: Iterable[str], most: int = 5) -> str:
+    """``a, b, c and 4 more``: the first ``most`` items and a count of the rest."""
+    items = list(items)
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
+
+
 def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str | None:
     """A ``did you mean`` hint or None when nothing is close."""
     found = closest(word, candidates, n=n)

@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelError
+from .checkpoint import running_statistics
+from .errors import ModelError, listing
 from .files import atomic_write
 from .merge import merge
-from .placements.base import FULL
+from .placements.base import FULL, has_module
 from .placements.weight import FUNCTIONALIZED
 from .verify import compiled_info
 
@@ -48,19 +49,6 @@ _LORA_FAMILY = {("parallel", "lowrank"), ("weight", "lora"), ("weight", "dora")}
 def _describe(insertion) -> str:
     chunks = str(insertion.chunks) if insertion.chunks else ""
     return f"{insertion.site}{chunks} ({insertion.placement} {insertion.tuner}, line {insertion.rule_line})"
-
-
-def _listing(items: list[str], n: int = 5) -> str:
-    more = f" and {len(items) - n} more" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
-
-
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
@@ -86,16 +74,16 @@ def export_merged(model: nn.Module, path: str | os.PathLike, *, metadata: dict[s
     would stay in the graph when some tuner cannot be merged."""
     info = compiled_info(model)
     merged = merge(model)
-    left = [_describe(i) for i in info.plan.insertions if _has(merged, i.module_name)]
+    left = [_describe(i) for i in info.plan.insertions if has_module(merged, i.module_name)]
     if left:
         raise ModelError(f"cannot export a merged model: {len(left)} insertion(s) cannot be folded into "
-                         f"the weights and would stay in the graph: {_listing(left)}",
+                         f"the weights and would stay in the graph: {listing(left)}",
                          hint="merge folds lowrank, affine and weight tuners; keep the tuners with "
                               "utdsl.save_tuners, or pickle the whole model with torch.save")
     added = merged.meta.get("utdsl_merge_added", [])
     if added:
         raise ModelError(f"cannot export a merged model: folding a shift adds parameters the base model "
-                         f"does not have ({_listing(added)}), which a plain model cannot load",
+                         f"does not have ({listing(added)}), which a plain model cannot load",
                          hint="a shift folds into an op without a bias only by adding one; use "
                               "affine(shift=false) there, or keep the tuners with utdsl.save_tuners")
     prefix = info.plan_namespace + "."
@@ -117,7 +105,7 @@ def _site_lora(gm: nn.Module, insertions: list) -> dict:
     """One full-width LoRA (A, B, scaling, dora magnitude or None) for the insertions on one linear."""
     site = insertions[0].site
     linear = gm.get_submodule(site)
-    where = _listing([_describe(i) for i in insertions])
+    where = listing([_describe(i) for i in insertions])
     if not isinstance(linear, nn.Linear):
         raise ModelError(f"cannot export {where} as PEFT LoRA: only nn.Linear sites are exported, "
                          f"'{site}' is not one")
@@ -176,7 +164,7 @@ def _modules_to_save(gm: nn.Module, trained: list[str], targets: set[str]) -> li
     owners = sorted({name.rpartition(".")[0] for name in trained})
     if "" in owners:
         loose = [n for n in trained if "." not in n]
-        raise ModelError(f"cannot export as PEFT LoRA: trained parameter(s) {_listing(loose)} belong to no "
+        raise ModelError(f"cannot export as PEFT LoRA: trained parameter(s) {listing(loose)} belong to no "
                          "submodule, and peft's modules_to_save holds whole modules")
     for owner in owners:
         if owner in targets:
@@ -185,7 +173,7 @@ def _modules_to_save(gm: nn.Module, trained: list[str], targets: set[str]) -> li
         clash = [n for n in names if n.endswith(owner) and n != owner]
         if clash:
             raise ModelError(f"cannot export as PEFT LoRA: peft's modules_to_save entry '{owner}' would "
-                             f"also match {_listing(clash)} (it matches by name suffix)")
+                             f"also match {listing(clash)} (it matches by name suffix)")
     return owners
 
 
@@ -197,7 +185,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     other = [_describe(i) for i in info.plan.insertions if (i.placement, i.tuner) not in _LORA_FAMILY]
     if other:
         raise ModelError(f"cannot export as PEFT LoRA: {len(other)} insertion(s) are not LoRA or DoRA: "
-                         f"{_listing(other)}",
+                         f"{listing(other)}",
                          hint="PEFT LoRA holds parallel lowrank on linears, weight lora and weight dora; "
                               "export --merged writes a plain timm state dict instead")
     if not info.plan.insertions:
@@ -211,8 +199,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         by_site.setdefault(insertion.site, []).append(insertion)
     sites = {site: _site_lora(model, insertions) for site, insertions in by_site.items()}
     to_save = _modules_to_save(model, list(info.plan.trained), set(sites))
-    to_save += [n for n, m in model.named_modules() if n and n not in to_save
-                and isinstance(getattr(m, "running_mean", None), torch.Tensor)]  # batch norm statistics
+    norms = dict.fromkeys(name.rpartition(".")[0] for name in running_statistics(model))
+    to_save += [owner for owner in norms if owner and owner not in to_save]   # batch norm statistics
     rank, alpha = Counter((s["rank"], s["alpha"]) for s in sites.values()).most_common(1)[0][0]
     tensors: dict[str, torch.Tensor] = {}
     for site, lora in sites.items():

@@ -27,7 +27,7 @@ from torch.fx.graph import _is_from_torch
 from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
-from .backends import finish_module
+from .backends import finish_module, has_attr_path
 from .trace import copy_model_attrs, trace_graph
 
 __all__ = ["ModalGraphModule", "trace_modes"]
@@ -102,7 +102,7 @@ class ModalGraphModule(fx.GraphModule):
 
 def _copy_targets(root: nn.Module, to: nn.Module, graph: fx.Graph) -> None:
     for node in graph.nodes:
-        if node.op in ("get_attr", "call_module") and not _has_attr(to, node.target):
+        if node.op in ("get_attr", "call_module") and not has_attr_path(to, node.target):
             _copy_attr(root, to, node.target)
 
 
@@ -137,14 +137,6 @@ def _restore(body: dict[str, Any], codes: list[str], leaves: tuple[Callable[...,
         if key == "meta" or not hasattr(gm, key):
             setattr(gm, key, value)
     return gm
-
-
-def _has_attr(module: nn.Module, target: str) -> bool:
-    for item in target.split("."):
-        if not hasattr(module, item):
-            return False
-        module = getattr(module, item)
-    return True
 
 
 def trace_modes(model: nn.Module, example_input=None, route: str = "auto") -> ModalGraphModule:

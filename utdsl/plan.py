@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import placements, tuners
-from .errors import Diagnostic, ModelError, SpecError, raise_if_any
+from .errors import Diagnostic, ModelError, SpecError, listing, raise_if_any
 from .layout import probe_layouts
 from .placements import SiteError
 from .placements.weight import plan_shared
@@ -148,7 +148,7 @@ def plan(bindings: Bindings, gm: fx.GraphModule, example_input: torch.Tensor,
         except SiteError as error:
             failed.setdefault((binding.rule.span, error.message, error.hint), []).append(binding.path)
     for (span, message, hint), paths in failed.items():
-        more = f" (and {len(paths) - 1} more like it: {_listing(paths[1:])})" if len(paths) > 1 else ""
+        more = f" (and {len(paths) - 1} more like it: {listing(paths[1:], most=3)})" if len(paths) > 1 else ""
         diagnostics.append(Diagnostic(f"{paths[0]}{more}: {message}", span, hint))
     raise_if_any(diagnostics, SpecError)
     parameters = dict(gm.named_parameters())
@@ -157,10 +157,6 @@ def plan(bindings: Bindings, gm: fx.GraphModule, example_input: torch.Tensor,
     shared = plan_shared(insertions, tuner_namespace)
     return Plan(insertions, list(bindings.trained), trained_params, base_params,
                 [d for d in diagnostics if d.severity == "warning"], shared)
-
-
-def _listing(paths: list[str], most: int = 3) -> str:
-    return ", ".join(paths[:most]) + (", ..." if len(paths) > most else "")
 
 
 def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: str) -> Insertion:

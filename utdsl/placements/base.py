@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..plan import Insertion
 
 __all__ = ["FULL", "SiteError", "Placement", "tensor_shape", "site_device_dtype", "build_units",
-           "shared_module", "add_node_after"]
+           "shared_module", "add_node_after", "has_module"]
 
 FULL = "full"
 """The unit key of a site without chunks."""
@@ -70,7 +70,7 @@ def tensor_shape(node: fx.Node) -> tuple[int, ...]:
 
 def site_device_dtype(gm: fx.GraphModule, site: str) -> tuple[torch.device, torch.dtype]:
     """Device and floating dtype of the site's parameters (or of the model's first parameter)."""
-    for source in (gm.get_submodule(site) if _has_module(gm, site) else None, gm):
+    for source in (gm.get_submodule(site) if has_module(gm, site) else None, gm):
         if source is None:
             continue
         for p in source.parameters():
@@ -79,7 +79,7 @@ def site_device_dtype(gm: fx.GraphModule, site: str) -> tuple[torch.device, torc
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def _has_module(gm: nn.Module, path: str) -> bool:
+def has_module(gm: nn.Module, path: str) -> bool:
     try:
         gm.get_submodule(path)
         return True
@@ -98,7 +98,7 @@ def build_units(gm: fx.GraphModule, insertion: Insertion) -> dict[str, nn.Module
 
 def shared_module(gm: fx.GraphModule, target: str, make: Callable[[], nn.Module]) -> nn.Module:
     """The module registered at ``target`` in ``gm``, or a new one from ``make()`` if there is none."""
-    if _has_module(gm, target):
+    if has_module(gm, target):
         return gm.get_submodule(target)
     return make()
 

@@ -95,8 +95,7 @@ class Weight(Placement):
     @classmethod
     def insert(cls, gm: fx.GraphModule, insertion: Insertion, found: Region) -> None:
         joint = shared_module(gm, insertion.module_name, lambda: _build_joint(gm, insertion))
-        if not _has(gm, insertion.module_name):
-            gm.add_submodule(insertion.module_name, joint)
+        gm.add_submodule(insertion.module_name, joint)
         for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == insertion.site]:
             _functionalize(gm, node)
         name = f"{insertion.site}.weight"
@@ -165,8 +164,7 @@ def _build_joint(gm: fx.GraphModule, insertion: Insertion) -> WeightJoint:
     shared_name = insertion.info.extras.get("shared_name")
     if shared_name is not None:
         shared = shared_module(gm, shared_name, lambda: _build_shared(gm, insertion, tuner_cls, device, dtype))
-        if not _has(gm, shared_name):
-            gm.add_submodule(shared_name, shared)
+        gm.add_submodule(shared_name, shared)
     weight = gm.get_parameter(f"{insertion.site}.weight")
     chunks = insertion.chunks
     rows = weight.detach().chunk(chunks.count, dim=0) if chunks else (weight.detach(),)
@@ -183,14 +181,6 @@ def _build_joint(gm: fx.GraphModule, insertion: Insertion) -> WeightJoint:
 def _build_shared(gm, insertion, tuner_cls, device, dtype) -> nn.Module:
     with torch.device(device):
         return tuner_cls.build_shared(insertion.args, list(insertion.info.extras["shared_sites"])).to(dtype)
-
-
-def _has(gm: nn.Module, path: str) -> bool:
-    try:
-        gm.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 def plan_shared(insertions: list[Insertion], namespace: str) -> int:
