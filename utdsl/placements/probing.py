@@ -44,9 +44,15 @@ class _Stop(Exception):
 
 
 class _Runner(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, graph: fx.Graph, stand_ins: dict, last: fx.Node):
+    """Runs ``graph`` up to ``last``. Values outside ``zone`` (the region, the edit's nodes and what
+    reads them) that shape propagation already knows are not computed but stood in for by empty
+    meta tensors of their traced shape and strides, so a probe costs the region, not the model up
+    to it."""
+
+    def __init__(self, gm: fx.GraphModule, graph: fx.Graph, stand_ins: dict, last: fx.Node,
+                 zone: set[fx.Node] | None = None):
         super().__init__(gm, garbage_collect_values=False, graph=graph)
-        self.stand_ins, self.last, self.failed = stand_ins, last, None
+        self.stand_ins, self.last, self.zone, self.failed = stand_ins, last, zone, None
 
     def call_module(self, target, args, kwargs):
         if target in self.stand_ins:
@@ -54,6 +60,10 @@ class _Runner(fx.Interpreter):
         return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
+        if self.zone is not None and n not in self.zone and n.op not in ("placeholder", "output"):
+            known = _like(n)
+            if known is not None:
+                return known
         try:
             result = super().run_node(n)
         except Exception:
@@ -73,14 +83,19 @@ def probe(gm: fx.GraphModule, path: str, edit: Edit) -> Probe:
     found = region(graph, path)
     stand_ins = edit(graph, found)
     last = _last_edited(graph, found)
+    copied = set(copies.values())
+    zone = set(found.nodes) | {n for n in graph.nodes if n not in copied}
+    for node in graph.nodes:    # and whatever reads them: their shapes may change with the edit
+        if any(arg in zone for arg in node.all_input_nodes):
+            zone.add(node)
     inputs = []    # the traced inputs; the rest (traced as their defaults) take their defaults
     for node in graph.nodes:
         if node.op != "placeholder" or _like(node) is None:
             break
         inputs.append(_like(node))
     result = Probe(graph, found)
-    for fake in (False, True):
-        runner = _Runner(gm, graph, stand_ins, last)
+    for fake in (False, True):   # the fake-tensor fallback runs every node: no meta stand-ins there
+        runner = _Runner(gm, graph, stand_ins, last, None if fake else zone)
         try:
             _run(gm, runner, inputs, fake)
         except _Stop:
@@ -109,7 +124,9 @@ def _run(gm: fx.GraphModule, runner: _Runner, inputs: list, fake: bool) -> None:
 
 def _like(node: fx.Node):
     meta = node.meta.get("tensor_meta")
-    return torch.empty(meta.shape, dtype=meta.dtype, device="meta") if hasattr(meta, "shape") else None
+    if not hasattr(meta, "shape"):
+        return None
+    return torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype, device="meta")
 
 
 def _last_edited(graph: fx.Graph, found: Region) -> fx.Node:
