@@ -38,6 +38,7 @@ class RunConfig(BaseModel):
     model: str
     model_kwargs: dict[str, Any] = {}
     weights: str | None = None
+    weights_sha256: str | None = None
     pretrained: bool = False
     data: str = "digits"
     data_root: str | None = None
@@ -54,12 +55,15 @@ def resolve_config(*, spec: str, model: str, data: str, data_root: str | None, r
     """Load and check the spec, read the training split's class count, and fill a RunConfig."""
     import utdsl
 
+    from .provenance import weights_identity
+
     checked = utdsl.load_spec(spec, spec_overrides or None)
     probe = _dataset(data, data_root, recipe.train_split, None)
+    weights, weights_sha256 = weights_identity(weights) if weights else (None, None)
     return RunConfig(spec=str(spec), spec_name=checked.name or Path(str(spec)).stem,
                      spec_text=checked.source.text, spec_path=checked.source.path,
                      spec_overrides=dict(spec_overrides or {}), model=model,
-                     model_kwargs=dict(model_kwargs or {}), weights=weights,
+                     model_kwargs=dict(model_kwargs or {}), weights=weights, weights_sha256=weights_sha256,
                      pretrained=pretrained, data=data, data_root=data_root,
                      num_classes=num_classes_of(probe), recipe=recipe, world_size=world_size,
                      utdsl_version=utdsl.__version__)

@@ -14,6 +14,8 @@ worker count, worker assignment or where a run was resumed.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 import random
 from dataclasses import dataclass
@@ -24,8 +26,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["DistContext", "init_distributed", "shutdown", "all_reduce_sum", "broadcast_str",
-           "barrier", "mix_seed", "EpochSampler", "SeededDataset"]
+from utdsl.errors import UtdslError
+
+__all__ = ["DistContext", "DistributedError", "init_distributed", "shutdown", "peer_errors", "all_reduce_sum",
+           "broadcast_str", "barrier", "mix_seed", "EpochSampler", "SeededDataset"]
 
 _MASK = (1 << 64) - 1
 
@@ -58,8 +62,14 @@ def _pick_device(device: str | None, local_rank: int) -> torch.device:
     return dev
 
 
-def init_distributed(device: str | None = None) -> DistContext:
-    """The context of this process; joins the torchrun process group when launched by torchrun."""
+class DistributedError(UtdslError):
+    """A process of a distributed run was lost or stalled past the recipe's ``dist_timeout``."""
+
+
+def init_distributed(device: str | None = None, timeout: float | None = None) -> DistContext:
+    """The context of this process; joins the torchrun process group when launched by torchrun.
+    ``timeout`` (seconds) bounds every collective: a stalled or lost peer is an error after it,
+    not a hang of torch's default 30 minutes."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
@@ -69,7 +79,8 @@ def init_distributed(device: str | None = None) -> DistContext:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        wait = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None, **wait)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
 
 
@@ -77,6 +88,27 @@ def shutdown(ctx: DistContext) -> None:
     """Leave the process group (no-op for one process)."""
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+_PEER_SIGNS = ("connection closed", "connection reset", "timed out", "timeout", "broken pipe", "gloo", "nccl")
+
+
+@contextlib.contextmanager
+def peer_errors(ctx: DistContext, resume: str | None = None):
+    """Turn a collective that failed because a peer died or stalled into a :class:`DistributedError`
+    (one line, no traceback); ``resume`` names the run directory for the hint."""
+    try:
+        yield
+    except RuntimeError as error:  # torch.distributed.DistError and gloo's RuntimeErrors
+        text = str(error).strip()
+        if not ctx.distributed or not (isinstance(error, getattr(dist, "DistError", ())) or
+                                       any(sign in text.lower() for sign in _PEER_SIGNS)):
+            raise
+        line = text.splitlines()[0] if text else type(error).__name__
+        raise DistributedError(f"rank {ctx.rank} of {ctx.world_size}: another process of the distributed run "
+                               f"was lost or stalled ({line})",
+                               hint=(f"resume with utdsl train --resume {resume} (same number of processes); "
+                                     if resume else "") + "the recipe's dist_timeout bounds the wait") from None
 
 
 def barrier(ctx: DistContext) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .distributed import DistContext, EpochSampler, SeededDataset, all_reduce_sum
+from .guard import ignore_sigint
 
 __all__ = ["EvalResult", "evaluate", "autocast_for", "topk_correct", "evaluate_checkpoint"]
 
@@ -57,7 +58,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, ctx: D
     ctx = ctx or DistContext()
     sampler = EpochSampler(len(dataset), shuffle=False, rank=ctx.rank, world_size=ctx.world_size, pad=False)
     loader = DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler,
-                        num_workers=num_workers, pin_memory=ctx.device.type == "cuda")
+                        num_workers=num_workers, pin_memory=ctx.device.type == "cuda",
+                        worker_init_fn=ignore_sigint if num_workers else None)
     criterion = nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
     was_training = model.training
     model.eval()
@@ -84,14 +86,18 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, ctx: D
 
 def evaluate_checkpoint(checkpoint: str | Path, *, data: str | None = None, data_root: str | None = None,
                         split: str | None = None, batch_size: int | None = None, device: str | None = None,
-                        num_workers: int = 0, ctx: DistContext | None = None) -> tuple[EvalResult, dict]:
+                        num_workers: int = 0, ctx: DistContext | None = None, accept_changed_weights: bool = False,
+                        echo=None) -> tuple[EvalResult, dict]:
     """Evaluate a checkpoint written by ``utdsl train`` (a ``.safetensors`` file or a run directory,
     whose best checkpoint is used, else its last). ``data``/``data_root``/``split`` default to the
-    run's. Returns the result and a description of what was evaluated."""
+    run's. The run's ``--weights`` file must be the one it trained with (see
+    :func:`~.provenance.verify_weights`). Returns the result and a description of what was evaluated."""
     from . import config as run_config
     from .distributed import _pick_device
+    from .provenance import verify_weights
 
     path, config = run_config.locate_checkpoint(checkpoint)
+    verify_weights(config, accept_changed=accept_changed_weights, echo=echo)
     if data is not None:
         config = config.model_copy(update={"data": data, "data_root": data_root})
     elif data_root is not None:

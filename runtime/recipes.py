@@ -60,12 +60,32 @@ class Recipe(BaseModel):
     eval_split: str = "test"
     eval_every: int = Field(1, gt=0, description="evaluate every N epochs (and after the last)")
     log_every: int = Field(10, gt=0, description="write a step line to metrics.jsonl every N steps")
+    nonfinite: Literal["error", "skip"] = Field(
+        "error", description="a non-finite loss or gradient: stop the run (error) or skip that optimizer step")
+    dist_timeout: float = Field(600.0, gt=0, le=86400, description="seconds a DDP collective waits for a "
+                                "stalled or lost process before the run stops with an error")
+    # training features (each in its own module: ema, mixup, droppath, lr_decay, data/cached)
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trained parameters "
+                                    "(evaluated and saved instead of them); None: off")
+    mixup_alpha: float = Field(0.0, ge=0, description="Beta(a, a) of mixup; 0: off")
+    cutmix_alpha: float = Field(0.0, ge=0, description="Beta(a, a) of CutMix; 0: off")
+    mix_prob: float = Field(1.0, ge=0, le=1, description="share of batches mixed (mixup/CutMix on)")
+    mix_switch_prob: float = Field(0.5, ge=0, le=1, description="CutMix rather than mixup, when both are on")
+    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth of the backbone's blocks")
+    layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay factor; None: off")
+    channels_last: bool = Field(False, description="model and batches in channels-last memory format")
+    data_cache: Literal["off", "memory", "device"] = Field(
+        "off", description="decode and resize images once, keep uint8 tensors (in memory or on the "
+        "device) and augment batches on tensors")
 
     @model_validator(mode="after")
     def _lr_order(self) -> "Recipe":
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) is above lr ({self.lr})")
         return self
+
+
+_OPTIONAL = ("clip_grad", "crop_pct", "ema_decay", "layer_decay")
 
 
 def recipe_names() -> list[str]:
@@ -117,7 +137,7 @@ def load_recipe(name_or_path: str | None = "default", overrides: Mapping[str, An
             raise RecipeError(f"unknown recipe field '{key}'", hint=did_you_mean(key, Recipe.model_fields))
         if isinstance(value, str) and key == "betas":
             value = [v.strip() for v in value.strip("()[]").split(",")]
-        elif isinstance(value, str) and value.lower() in ("none", "null") and key in ("clip_grad", "crop_pct"):
+        elif isinstance(value, str) and value.lower() in ("none", "null") and key in _OPTIONAL:
             value = None
         data[key] = value
     try:

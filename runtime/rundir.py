@@ -22,8 +22,10 @@ batch), so the step is their whole state. No pickle anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,6 +38,8 @@ from torch import nn
 from utdsl.checkpoint import running_statistics
 from utdsl.errors import CheckpointError
 from utdsl.files import atomic_write
+
+from .guard import require_finite
 
 __all__ = ["RunDir", "TrainState", "atomic_write", "STATE_FORMAT"]
 
@@ -66,8 +70,10 @@ class TrainState:
 class RunDir:
     """Paths and atomic readers/writers of one run directory (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, identity: str | None = None):
         self.path = Path(path)
+        #: digest of the run configuration, kept in the resume state and checked when it loads
+        self.identity = identity
         self.config_path = self.path / "config.json"
         self.metrics_path = self.path / "metrics.jsonl"
         self.checkpoints = self.path / "checkpoints"
@@ -80,6 +86,36 @@ class RunDir:
     def exists(self) -> bool:
         return self.config_path.is_file()
 
+    def check_writable(self) -> None:
+        """Raise :class:`CheckpointError` unless the run directory and ``checkpoints/`` can be
+        written: probe files are created and removed (in the nearest existing ancestor when the
+        directory does not exist yet), so a read-only place fails before the first epoch."""
+        for directory in (self.path, self.checkpoints):
+            probe_in = directory
+            while not probe_in.exists() and probe_in != probe_in.parent:
+                probe_in = probe_in.parent
+            try:
+                if not probe_in.is_dir():
+                    raise NotADirectoryError(f"'{probe_in}' is not a directory")
+                fd, name = tempfile.mkstemp(prefix=".utdsl-probe.", suffix=".tmp", dir=probe_in)
+                os.close(fd)
+                os.unlink(name)
+            except OSError as error:
+                raise CheckpointError(f"cannot write the run directory '{directory}': "
+                                      f"{error.strerror or error}" + (f" ('{probe_in}')" if probe_in != directory else ""),
+                                      hint="choose another --out, or make it writable") from None
+
+    def clean_stale(self) -> list[Path]:
+        """Remove temporary files left by writes a kill interrupted (``.NAME.*.tmp``); return them."""
+        removed = []
+        for directory in (self.path, self.checkpoints):
+            if directory.is_dir():
+                for stale in directory.glob(".*.tmp"):
+                    with contextlib.suppress(OSError):
+                        stale.unlink()
+                        removed.append(stale)
+        return removed
+
     # configuration and metrics ---------------------------------------------------------------
     def write_config(self, config: Mapping[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -90,8 +126,8 @@ class RunDir:
             raise CheckpointError(f"'{self.path}' is not a run directory (no config.json)")
         try:
             return json.loads(self.config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{self.config_path}: {error}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{self.config_path}: not a JSON run configuration ({error})") from None
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -103,11 +139,13 @@ class RunDir:
         if not self.metrics_path.is_file():
             return []
         rows = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+        for raw in self.metrics_path.read_bytes().splitlines():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue  # cut by a kill, or damaged: not a metrics line
+            if isinstance(row, dict):
+                rows.append(row)
         return rows
 
     def truncate_metrics(self, state: TrainState) -> None:
@@ -125,6 +163,7 @@ class RunDir:
         import utdsl
 
         path = self.checkpoint(kind)
+        require_finite({n: p for n, p in model.named_parameters() if p.requires_grad}, str(path))
         utdsl.save_tuners(model, path, dict(metadata or {}))  # atomic itself
         return path
 
@@ -142,8 +181,11 @@ class RunDir:
                     tensors[f"optim.{index}.{key}"] = value.detach().cpu().clone().contiguous()
                 else:
                     plain.setdefault(str(index), {})[key] = value
+        require_finite(tensors, str(self.state_path))
         meta = {"format": STATE_FORMAT, "loop": json.dumps(asdict(state)),
                 "params": json.dumps(names), "optimizer": json.dumps(plain)}
+        if self.identity:
+            meta["config"] = self.identity
         atomic_write(self.state_path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState | None:
@@ -160,6 +202,12 @@ class RunDir:
             raise CheckpointError(f"{self.state_path}: unreadable resume state ({error})") from None
         if meta.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{self.state_path}: not a utdsl resume state")
+        if self.identity and meta.get("config") and meta["config"] != self.identity:
+            raise CheckpointError(f"{self.config_path} was edited after the resume state was saved; the model "
+                                  "it describes is not the one the state was trained on",
+                                  hint="restore the run's config.json (its checkpoints carry a copy in their "
+                                       "metadata, 'run.config')")
+        require_finite(tensors, str(self.state_path), loading=True)
         params = dict(model.named_parameters())
         names = [n for n, p in params.items() if p.requires_grad]
         if json.loads(meta["params"]) != names:

@@ -30,9 +30,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from utdsl.errors import CheckpointError, DataError
 
+from .budget import check_tuner_memory
 from .config import RunConfig, build_data, build_model, checkpoint_metadata
+from .data.scan import scan_images, warn_if_one_class
+from .provenance import config_digest, verify_weights
 from .distributed import DistContext, EpochSampler, SeededDataset, all_reduce_sum, barrier, mix_seed
 from .evaluate import EvalResult, autocast_for, evaluate
+from .guard import (DIVERGED_HINT, Interrupted, NonFiniteError, StopRequest, first_nonfinite, ignore_sigint,
+                    step_flags)
 from .optim import build_optimizer, lr_at, schedule_info
 from .recipes import Recipe
 from .rundir import RunDir, TrainState
@@ -90,6 +95,12 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, recipe: 
     N optimizer steps inside an epoch. ``stop_after_steps`` stops after that many optimizer steps in
     all, as if killed (nothing more is saved); tests use it. ``metadata`` goes into the tuner
     checkpoints, with ``run.epoch``/``run.step``/``run.top1`` added.
+
+    A step whose loss or gradient is inf or NaN stops the run with :class:`NonFiniteError`
+    (``recipe.nonfinite="error"``) or is skipped (``"skip"``: no update, counted in the epoch's
+    ``skipped_steps``); an evaluation with a non-finite loss never becomes ``best``. The first
+    SIGINT stops at the next step boundary: the resume state is saved there and
+    :class:`Interrupted` is raised.
     """
     ctx = ctx or DistContext()
     if len(train_set) == 0:  # type: ignore[arg-type]
@@ -117,6 +128,8 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, recipe: 
     loss_sum = torch.tensor(state.epoch_loss_sum, dtype=torch.float64, device=ctx.device)
     log_loss = torch.tensor(state.log_loss_sum, dtype=torch.float64, device=ctx.device)
     log_samples, log_time = state.log_samples, time.perf_counter()
+    step_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)  # the step's loss, for the guard
+    skipped = 0
 
     def save_state() -> None:  # collective: every rank calls it at the same step
         sums = all_reduce_sum([loss_sum.item(), state.epoch_samples, log_loss.item(), log_samples], ctx)
@@ -124,7 +137,7 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, recipe: 
             run.save_state(model, optimizer, dataclasses.replace(
                 state, epoch_loss_sum=sums[0], epoch_samples=int(sums[1]), log_loss_sum=sums[2],
                 log_samples=int(sums[3])))
-    with _progress(ctx.is_main and progress_enabled(progress)) as bars:
+    with StopRequest() as stop, _progress(ctx.is_main and progress_enabled(progress)) as bars:
         epochs_bar = bars.add_task("epochs", total=recipe.epochs, completed=state.epoch, info="")
         steps_bar = bars.add_task("steps", total=n_batches, completed=state.batch, info="")
         for epoch in range(state.epoch, recipe.epochs):
@@ -133,7 +146,8 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, recipe: 
                                    world_size=ctx.world_size, start=state.batch * recipe.batch_size)
             loader = DataLoader(SeededDataset(train_set, recipe.seed), batch_size=recipe.batch_size,
                                 sampler=sampler, num_workers=num_workers,
-                                pin_memory=ctx.device.type == "cuda")
+                                pin_memory=ctx.device.type == "cuda",
+                                worker_init_fn=ignore_sigint if num_workers else None)
             epoch_start, seen = time.perf_counter(), 0
             net.train()
             for images, targets in loader:
@@ -151,6 +165,7 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, recipe: 
                     loss = criterion(logits.float(), targets)
                     (loss / group).backward()
                 batch_loss = loss.detach().double() * len(targets)
+                step_loss += batch_loss
                 loss_sum += batch_loss
                 log_loss += batch_loss
                 state.epoch_samples += len(targets)
@@ -163,9 +178,16 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, recipe: 
                 lr = lr_at(state.step, recipe, steps_per_epoch)
                 for param_group in optimizer.param_groups:
                     param_group["lr"] = lr
-                if recipe.clip_grad:
-                    nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], recipe.clip_grad)
-                optimizer.step()
+                nonfinite, stopping = step_flags(step_loss, model, stop, ctx)
+                step_loss.zero_()
+                if nonfinite and recipe.nonfinite == "error":
+                    raise _diverged(model, loss, state.step, epoch, run)
+                if nonfinite:
+                    skipped += 1
+                else:
+                    if recipe.clip_grad:
+                        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], recipe.clip_grad)
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 if state.step % recipe.log_every == 0:
@@ -182,6 +204,10 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, recipe: 
                     save_state()
                 if stop_after_steps is not None and state.step >= stop_after_steps:
                     return FitResult(state, last_eval, stopped=True)
+                if stopping:
+                    save_state()
+                    raise Interrupted(f"interrupted at step {state.step} (epoch {epoch + 1}); "
+                                      f"resume with utdsl train --resume {run.path}")
             total_loss, samples, seen_all, elapsed = all_reduce_sum(
                 [loss_sum.item(), state.epoch_samples, seen, time.perf_counter() - epoch_start], ctx)
             row: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": state.step,
@@ -193,9 +219,16 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, recipe: 
                                      precision=recipe.precision, num_workers=num_workers)
                 row.update(top1=last_eval.top1, top5=last_eval.top5, eval_loss=last_eval.loss,
                            eval_throughput=last_eval.throughput)
+                if not math.isfinite(last_eval.loss) and recipe.nonfinite == "error":
+                    raise NonFiniteError(f"epoch {epoch + 1}: the evaluation loss is {last_eval.loss} (the model's "
+                                         f"outputs are not finite); nothing of this epoch was saved",
+                                         hint=DIVERGED_HINT)
+            if skipped:
+                row["skipped_steps"], skipped = skipped, 0
             state.epoch, state.batch, state.epoch_samples = epoch + 1, 0, 0
             loss_sum.zero_()
-            improved = last_eval is not None and "top1" in row and (state.best_top1 is None or last_eval.top1 > state.best_top1)
+            improved = (last_eval is not None and "top1" in row and math.isfinite(last_eval.loss)
+                        and (state.best_top1 is None or last_eval.top1 > state.best_top1))
             if improved:
                 state.best_top1, state.best_epoch = last_eval.top1, epoch
             if ctx.is_main:  # metrics first: a resume drops lines newer than the state it finds
@@ -212,14 +245,34 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, recipe: 
     return FitResult(state, last_eval)
 
 
+def _diverged(model: nn.Module, loss: torch.Tensor, step: int, epoch: int, run: RunDir) -> NonFiniteError:
+    """The error of a step whose loss or gradients are not finite, naming the first culprit."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        what = f"the loss is {loss.item()}"
+    else:
+        name = first_nonfinite((n, p.grad) for n, p in model.named_parameters() if p.requires_grad)
+        what = f"the gradient of '{name}' is not finite" if name else "a gradient is not finite"
+    kept = ("the checkpoints hold the last finite epoch" if run.checkpoint("last").is_file()
+            else "no checkpoint was written")
+    return NonFiniteError(f"training diverged at step {step + 1} (epoch {epoch + 1}): {what}; the run stopped "
+                          f"and {kept}", hint=DIVERGED_HINT)
+
+
 def train(config: RunConfig | None, run_dir: str | os.PathLike, *, resume: bool = False,
           ctx: DistContext | None = None, num_workers: int = 0, progress: bool | None = None,
           checkpoint_every: int = 0, stop_after_steps: int | None = None,
-          echo: Callable[[str], Any] | None = None) -> FitResult:
+          echo: Callable[[str], Any] | None = None, bad_images: str = "error",
+          accept_changed_weights: bool = False, yes: bool = False) -> FitResult:
     """Run ``utdsl train``: write ``config`` to a new run directory, build the compiled model and
     the data sets, and :func:`fit`. With ``resume``, the configuration is the run directory's own
     (``config`` must be None or equal to it) and training continues where its state left off.
-    ``echo`` receives warnings meant for the user (a random backbone)."""
+    ``echo`` receives warnings meant for the user (a random backbone).
+
+    Before the first epoch: the run directory must be writable; image files are scanned
+    (``bad_images``: ``"error"`` lists unreadable ones, ``"skip"`` leaves them out); a new run's
+    tuners must fit the memory bound of :mod:`.budget` unless ``yes``; a resume needs the same
+    ``--weights`` file (``accept_changed_weights`` accepts another) and an unedited config.json,
+    and removes temporary files a killed write left."""
     ctx = ctx or DistContext()
     run = RunDir(run_dir)
     if resume:
@@ -231,6 +284,9 @@ def train(config: RunConfig | None, run_dir: str | os.PathLike, *, resume: bool 
             raise CheckpointError(f"'{run.path}' ran on {saved.world_size} process(es), this is {ctx.world_size}",
                                   hint="an exact resume needs the same number of processes")
         config = saved
+        verify_weights(config, accept_changed=accept_changed_weights, echo=echo)
+        if ctx.is_main:
+            run.clean_stale()
     else:
         if config is None:
             raise ValueError("train() needs a config unless resuming")
@@ -238,14 +294,21 @@ def train(config: RunConfig | None, run_dir: str | os.PathLike, *, resume: bool 
             raise CheckpointError(f"run directory '{run.path}' already holds a run",
                                   hint="continue it with --resume, or choose another --out")
         config = config.model_copy(update={"world_size": ctx.world_size})
+        check_tuner_memory(config, yes)
+    if ctx.is_main:
+        run.check_writable()
     recipe = config.recipe
     model = build_model(config, echo=echo)  # a spec that does not fit the model fails before any file
-    train_set = build_data(config, recipe.train_split, train=True)
-    eval_set = build_data(config, recipe.eval_split, train=False) if recipe.eval_split else None
+    quiet = echo if ctx.is_main else None
+    train_set = scan_images(build_data(config, recipe.train_split, train=True), bad_images, quiet)
+    warn_if_one_class(train_set, quiet)
+    eval_set = (scan_images(build_data(config, recipe.eval_split, train=False), bad_images, quiet)
+                if recipe.eval_split else None)
     if not resume:
         barrier(ctx)  # every rank has checked the directory before rank 0 creates it
         if ctx.is_main:
             run.write_config(config.model_dump(mode="json"))
+    run.identity = config_digest(run.read_config()) if ctx.is_main else None
     return fit(model, train_set, eval_set, recipe, run, ctx=ctx, resume=resume, num_workers=num_workers,
                progress=progress, checkpoint_every=checkpoint_every, metadata=checkpoint_metadata(config),
                stop_after_steps=stop_after_steps)

@@ -158,16 +158,16 @@ STATEMENTS = [
     ("train head", ("Train", sel(path(n("head"))))),
     ("freeze blocks[0:2].**", ("Freeze", sel(path(n("blocks", r(0, 2)), GLOB)))),
     ("a -> parallel adapter",
-     ("Rule", sel(path(n("a"))), "parallel", ("TunerCall", "adapter", ()), None, None)),
+     ("Rule", sel(path(n("a"))), "parallel", ("TunerCall", "adapter", ()), None, None, None)),
     ("a -> parallel adapter()",
-     ("Rule", sel(path(n("a"))), "parallel", ("TunerCall", "adapter", ()), None, None)),
+     ("Rule", sel(path(n("a"))), "parallel", ("TunerCall", "adapter", ()), None, None, None)),
     ("a -> sequential adapter(dim=8, activation=gelu, scale=\"learned\",)",
      ("Rule", sel(path(n("a"))), "sequential",
       ("TunerCall", "adapter", (("Arg", "dim", lit(8)), ("Arg", "activation", ("Ref", "gelu")),
-                                ("Arg", "scale", lit("learned")))), None, None)),
+                                ("Arg", "scale", lit("learned")))), None, None, None)),
     # placement and tuner are plain names here; check validates them
     ("a -> let use(train=1)",
-     ("Rule", sel(path(n("a"))), "let", ("TunerCall", "use", (("Arg", "train", lit(1)),)), None, None)),
+     ("Rule", sel(path(n("a"))), "let", ("TunerCall", "use", (("Arg", "train", lit(1)),)), None, None, None)),
 ]
 
 
@@ -218,7 +218,7 @@ LAYOUT = [
 @pytest.mark.parametrize("text", LAYOUT)
 def test_layout_does_not_change_the_ast(text):
     expected = ("Rule", sel(path(n("a"))), "parallel",
-                ("TunerCall", "lowrank", (("Arg", "r", lit(8)), ("Arg", "alpha", lit(16)))), None, None)
+                ("TunerCall", "lowrank", (("Arg", "r", lit(8)), ("Arg", "alpha", lit(16)))), None, None, None)
     assert shape(parse(text).statements) == (expected,)
 
 

@@ -256,8 +256,8 @@ OTHER_ERRORS = [
     ("let s = 'abc'", 1, 9, "unexpected character \"'\"", "double quotes"),
     ("let s = 3 $ 4", 1, 11, "unexpected character '$'", "expected one of '*', '+', '-', '/', end of line"),
     ("$", 1, 1, "unexpected character '$'",
-     "expected one of 'freeze', 'let', 'spec', 'train', 'use', a name, a role (@classifier), an integer, '(', '*', '**', '^'"),
-    ("train a.b\t@", 1, 11, "unexpected character '@'", "expected one of '.', '[', '{', '|', end of line"),
+     "expected one of 'freeze', 'let', 'spec', 'train', 'tuner', 'use', a name, a role (@classifier), an integer, '(', '*', '**', '^'"),
+    ("train a.b\t@", 1, 11, "unexpected character '@'", "expected one of '(', '.', '[', '{', '|', end of line"),
     # the end of a line is reported just after its last character, not at a comment after it
     ("a -> parallel   # comment\n", 1, 14, "unexpected end of line", "expected a tuner name"),
     ("train head\n\n  let r =   # c\n", 3, 10, "unexpected end of line", "missing value after '='"),

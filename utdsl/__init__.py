@@ -21,11 +21,13 @@ from .errors import CheckpointError, DataError, ModelError, SpecError, UtdslErro
 from .export import export_merged, export_peft
 from .merge import merge
 from .peft_import import load_peft
+from .tuners import SiteInfo, TunerArgs, register_tuner
 from .verify import Report, verify
 
 __all__ = [
     "__version__", "parse_spec", "load_spec", "compile", "trainable_parameters", "merge",
     "export_merged", "export_peft", "load_peft", "save_tuners", "load_tuners", "verify", "Report",
+    "register_tuner", "TunerArgs", "SiteInfo",
     "UtdslError", "SpecError", "ModelError", "CheckpointError", "DataError",
 ]
 

@@ -34,13 +34,14 @@ from pydantic import ValidationError
 
 from . import tuners
 from .library import locate_spec
-from .errors import Diagnostic, Span, SpecError, did_you_mean, raise_if_any
+from .errors import Diagnostic, Source, Span, SpecError, did_you_mean, raise_if_any
+from .files import read_spec_text
 from .values import BAD, evaluate, parse_override
 from .parse import parse
 from .placements import PLACEMENTS
 from .roles import ROLES
-from .syntax import (Arg, Chunks, Freeze, Group, Header, Let, Literal, Name, Rule, Selector, Spec,
-                     Statement, Train, Use)
+from .syntax import (Arg, Chunks, Declare, Freeze, Group, Header, Let, Literal, Name, Rule, Selector,
+                     Spec, Statement, Train, TunerCall, Use)
 
 __all__ = ["check"]
 
@@ -81,6 +82,7 @@ class _Checker:
         self.search_paths = [str(p) for p in search_paths]
         self.let_names: list[str] = []          # every let seen, in any file (for hints)
         self.used_values: dict[str, Any] = {}   # bindings of used files (first wins)
+        self.declared: dict[str, tuple[Declare, TunerCall, Any]] = {}   # declaration, checked call, args
 
     def error(self, message: str, span: Span | None, hint: str | None = None) -> None:
         self.diagnostics.append(Diagnostic(message, span, hint))
@@ -101,6 +103,8 @@ class _Checker:
                     self.let(statement, scope, own, inherited)
                 elif isinstance(statement, Use):
                     out.extend(self.use(statement, spec, scope, stack))
+                elif isinstance(statement, Declare):
+                    self.declare(statement, scope)
                 elif isinstance(statement, Rule):
                     out.append(self.rule(statement, scope, spec.source.path))
                 elif isinstance(statement, (Train, Freeze)):
@@ -151,14 +155,15 @@ class _Checker:
             self.error(f"'{use.path}' is used in a cycle: {chain}", span)
             return []
         try:
-            text = Path(found).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            self.error(f"cannot read '{found}': {err}", span)
-            return []
-        try:
-            used = parse(text, found)
+            used = parse(read_spec_text(found), found)
         except SpecError as err:
-            self.diagnostics.extend(err.diagnostics)
+            if Source("", found).is_spec_file:
+                self.diagnostics.extend(err.diagnostics)
+            else:
+                first = err.diagnostics[0]
+                where = f" ({first.span.location})" if first.span else ""
+                self.error(f"'{use.path}' is not a spec file{where}: {first.message}", span,
+                           "use names .ut spec files (or library specs)")
             return []
         statements, values = self.file(used, scope, (*stack, real))
         for name, value in values.items():
@@ -170,19 +175,51 @@ class _Checker:
         """The file ``use "name"`` names, and every place looked at."""
         return locate_spec(name, os.path.dirname(user) if user != "<string>" else "", self.search_paths)
 
+    def declare(self, declare: Declare, scope: dict[str, Any]) -> None:
+        """``tuner NAME = TUNER(ARGS)``: checked once here; rules naming it get its call."""
+        if tuners.get(declare.name) is not None:
+            self.error(f"'{declare.name}' is the name of a tuner; a declaration needs a name of its own",
+                       declare.name_span, f"e.g. 'tuner shared_{declare.name} = ...'")
+            return
+        first = self.declared.get(declare.name)
+        if first is not None:
+            self.error(f"tuner '{declare.name}' is declared twice", declare.name_span,
+                       f"first declared at line {first[0].span.line}")
+            return
+        call, validated = self.tuner_call(declare.tuner, scope)
+        self.declared[declare.name] = (declare, call, validated)
+
     def rule(self, rule: Rule, scope: dict[str, Any], origin: str) -> Rule:
         self.selector(rule.selector)
-        call = rule.tuner
-        tuner = tuners.get(call.name)
         if rule.placement not in PLACEMENTS:
             self.error(f"unknown placement '{rule.placement}'", rule.placement_span,
                        did_you_mean(rule.placement, PLACEMENTS) or "placements: " + ", ".join(PLACEMENTS))
-        if tuner is None:
-            self.error(f"unknown tuner '{call.name}'", call.name_span,
-                       did_you_mean(call.name, tuners.names()) or "tuners: " + ", ".join(tuners.names()))
-        elif rule.placement in PLACEMENTS and rule.placement not in tuner.placements:
+        declared = self.declared.get(rule.tuner.name) if tuners.get(rule.tuner.name) is None else None
+        if declared is not None:
+            declaration, call, validated = declared
+            if rule.tuner.args:
+                self.error(f"'{declaration.name}' is a declared tuner; its arguments are given where it is "
+                           f"declared (line {declaration.span.line})", rule.tuner.span,
+                           f"write '-> {rule.placement} {declaration.name}'")
+            rule = replace(rule, tuner=replace(call, span=rule.tuner.span, name_span=rule.tuner.name_span),
+                           declaration=declaration.name)
+        else:
+            call, validated = self.tuner_call(rule.tuner, scope)
+        tuner = tuners.get(call.name)
+        if rule.placement in PLACEMENTS and tuner is not None and rule.placement not in tuner.placements:
             self.error(f"tuner '{call.name}' does not accept placement '{rule.placement}'",
                        rule.placement_span, f"'{call.name}' accepts: " + ", ".join(sorted(tuner.placements)))
+        return replace(rule, tuner=call, args=validated, origin=origin)
+
+    def tuner_call(self, call: TunerCall, scope: dict[str, Any]) -> tuple[TunerCall, Any]:
+        """The call with every argument evaluated (a ``Literal``) and its validated pydantic Args
+        (None after reporting what is wrong)."""
+        tuner = tuners.get(call.name)
+        if tuner is None:
+            declared = f"; declared here: {', '.join(self.declared)}" if self.declared else ""
+            self.error(f"unknown tuner '{call.name}'", call.name_span,
+                       did_you_mean(call.name, [*tuners.names(), *self.declared])
+                       or "tuners: " + ", ".join(tuners.names()) + declared)
         values, args, seen = {}, [], {}
         for arg in call.args:
             value = evaluate(arg.value, scope, self.error)
@@ -195,10 +232,10 @@ class _Checker:
             args.append(replace(arg, value=Literal(value, arg.value.span)) if value is not BAD else arg)
         validated = None
         if tuner is not None and not any(value is BAD for value in values.values()):
-            validated = self.validate(tuner, rule, values, seen)
-        return replace(rule, tuner=replace(call, args=tuple(args)), args=validated, origin=origin)
+            validated = self.validate(tuner, call, values, seen)
+        return replace(call, args=tuple(args)), validated
 
-    def validate(self, tuner, rule: Rule, values: dict[str, Any], args: dict[str, Arg]) -> Any:
+    def validate(self, tuner, call: TunerCall, values: dict[str, Any], args: dict[str, Arg]) -> Any:
         """The tuner's pydantic Args, or None after reporting each error at its argument."""
         try:
             return tuner.Args.model_validate(values)
@@ -217,15 +254,15 @@ class _Checker:
                 self.error(f"unknown argument '{field}' for tuner '{tuner.name}'", _name_span(args[field]),
                            did_you_mean(field, fields) or f"'{tuner.name}' takes: " + ", ".join(fields))
             elif field in args:
-                message = "; or ".join(dict.fromkeys(e["msg"] for e in errors))
+                message = "; or ".join(dict.fromkeys(re.sub(r"^Value error, ", "", e["msg"]) for e in errors))
                 info = fields.get(field)
                 self.error(f"bad value for '{field}': {message}", args[field].value.span,
                            info.description if info is not None else None)
             elif "missing" in kinds:
-                self.error(f"tuner '{tuner.name}' needs the argument '{field}'", rule.tuner.span)
+                self.error(f"tuner '{tuner.name}' needs the argument '{field}'", call.span)
             else:
                 for e in errors:
-                    self.error(re.sub(r"^Value error, ", "", e["msg"]), rule.tuner.span)
+                    self.error(re.sub(r"^Value error, ", "", e["msg"]), call.span)
         return None
 
     # ---- selectors ----------------------------------------------------------------------------

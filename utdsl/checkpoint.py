@@ -166,6 +166,9 @@ def load_tuners(model: nn.Module, path: str | os.PathLike, *, strict_model: bool
                               f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                               f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
     for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"checkpoint '{path}': tensor '{name}' holds inf or NaN values",
+                                  hint="the checkpoint is damaged or comes from a diverged run")
         if tuple(tensor.shape) != tuple(params[name].shape):
             raise CheckpointError(f"checkpoint '{path}': '{name}' has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(params[name].shape)}")

@@ -22,7 +22,7 @@ from torch import nn
 from . import backends
 from .errors import ModelError
 from .modes import ModalGraphModule, trace_modes
-from .trace import leaf_enclosing
+from .trace import indexed_regions, leaf_enclosing
 from .plan import Plan, plan as make_plan, propagate_shapes
 from .resolve import resolve
 from .rewrite import rewrite
@@ -55,8 +55,10 @@ def load_spec(path: str | os.PathLike, overrides: Mapping[str, str] | None = Non
     from .check import check
     from .library import find_spec
 
+    from .files import read_spec_text
+
     file = find_spec(path)
-    return check(parse_spec(file.read_text(encoding="utf-8"), str(file)), overrides)
+    return check(parse_spec(read_spec_text(file), str(file)), overrides)
 
 
 def model_name_of(model: nn.Module) -> str:
@@ -146,10 +148,11 @@ def compile(spec: Spec | str | os.PathLike, model: nn.Module, example_input: tor
 def _sites_in_opaque_blocks(gm: ModalGraphModule, base: nn.Module, bindings) -> bool:
     """Whether a bound site lies inside a module the symbolic trace keeps whole that is not one of
     torch.nn's own (those are leaves by design; their insides are parameters, not modules)."""
-    for binding in bindings.bindings:
-        leaf = leaf_enclosing(gm.graph, binding.path)
-        if leaf is not None and not type(base.get_submodule(leaf)).__module__.startswith("torch.nn"):
-            return True
+    with indexed_regions(gm):
+        for binding in bindings.bindings:
+            leaf = leaf_enclosing(gm.graph, binding.path)
+            if leaf is not None and not type(base.get_submodule(leaf)).__module__.startswith("torch.nn"):
+                return True
     return False
 
 

@@ -32,6 +32,12 @@ class Source:
     text: str
     path: str = "<string>"
 
+    @property
+    def is_spec_file(self) -> bool:
+        """Whether the text is spec text or a ``.ut`` file: only then do errors quote its lines
+        (``use "/etc/passwd"`` must not print a line of that file)."""
+        return self.path.startswith("<") or self.path.endswith(".ut")
+
     def line(self, number: int) -> str:
         lines = self.text.split("\n")
         return lines[number - 1].rstrip("\r") if 0 < number <= len(lines) else ""
@@ -75,7 +81,8 @@ class Diagnostic:
             text = f"{self.severity}: {self.message}"
         else:
             text = f"{self.span.location}: {self.severity}: {self.message}"
-            source_line = self.span.source.line(self.span.line) if self.span.source else ""
+            source = self.span.source
+            source_line = source.line(self.span.line) if source and source.is_spec_file else ""
             if source_line:
                 width = 1
                 if self.span.end_line == self.span.line:
@@ -91,16 +98,30 @@ class UtdslError(Exception):
 
     def __init__(self, message: str | None = None, *, diagnostics: Sequence[Diagnostic] = (),
                  span: Span | None = None, hint: str | None = None):
+        self._verbatim = _worker_message(message, type(self).__name__) if not diagnostics else None
         if not diagnostics:
             diagnostics = [Diagnostic(message or "error", span, hint)]
         self.diagnostics: list[Diagnostic] = list(diagnostics)
         super().__init__(self.render())
 
     def render(self) -> str:
+        if self._verbatim is not None:
+            return self._verbatim
         return "\n".join(d.render() for d in self.diagnostics)
 
     def __str__(self) -> str:  # exceptions pickle args; keep the rendering authoritative
         return self.render()
+
+
+def _worker_message(message: str | None, name: str) -> str | None:
+    """The rendered error inside a message that torch's DataLoader builds when it re-raises a
+    worker's exception (``Caught DataError in DataLoader worker process 0. Original Traceback
+    ...``): the user sees the error, not the worker's traceback."""
+    if not message or not message.startswith("Caught ") or "Original Traceback" not in message:
+        return None
+    marker = f".{name}: "
+    at = message.rfind(marker)
+    return message[at + len(marker):].rstrip() if at >= 0 else None
 
 
 class SpecError(UtdslError):

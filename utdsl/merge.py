@@ -45,7 +45,7 @@ from .modes import ModalGraphModule
 from .placements.base import FULL
 from .placements.parallel import ParallelJoint
 from .placements.sequential import SequentialJoint
-from .placements.weight import FUNCTIONALIZED, WeightJoint
+from .placements.weight import FUNCTIONALIZED, WeightJoint, restore_weight_form
 from .verify import compiled_info
 
 __all__ = ["merge"]
@@ -59,7 +59,10 @@ def merge(model: fx.GraphModule) -> fx.GraphModule:
     folded: set[str] = set()
     graphs = merged.each_graph() if isinstance(merged, ModalGraphModule) else [merged.graph]
     for index, graph in enumerate(graphs):
+        restore_weight_form(merged, graph)
         joints = [n for n in graph.nodes if n.op == "call_module" and n.target in mergeable]
+        for node in joints:  # a joint's keyword inputs only save memory (an affine's recomputation)
+            node.kwargs = {}
         # output-side folds first: a sequential tuner then sees the linear after it as its only user
         joints.sort(key=lambda n: isinstance(merged.get_submodule(n.target), SequentialJoint))
         for node in joints:

@@ -137,6 +137,9 @@ class _Build(Transformer):
     def use(self, meta, children):
         return ast.Use(_unescape(children[0]), self._span(meta), self._span(children[0]))
 
+    def declare(self, meta, children):
+        return ast.Declare(str(children[0]), children[1], self._span(meta), self._span(children[0]))
+
     def rule(self, meta, children):
         selector, _arrow, placement, tuner = children
         return ast.Rule(selector, str(placement), tuner, self._span(meta), self._span(placement))
@@ -169,7 +172,13 @@ class _Build(Transformer):
 
     def path(self, meta, children):
         rooted = isinstance(children[0], Token) and children[0].type == "ROOT"
-        return ast.Path(tuple(children[1:] if rooted else children), self._span(meta), rooted)
+        run = children[-1] if isinstance(children[-1], ast.Run) else None
+        segments = children[1 if rooted else 0:len(children) - (run is not None)]
+        return ast.Path(tuple(segments), self._span(meta), rooted, span_site=run)
+
+    def run(self, meta, children):
+        start, op, end = children
+        return ast.Run(str(start), str(end), op.type == "THROUGH", self._span(meta))
 
     def role_path(self, meta, children):
         role, *segments = children

@@ -27,10 +27,13 @@ from . import placements, tuners
 from .errors import Diagnostic, ModelError, SpecError, listing, raise_if_any
 from .layout import probe_layouts
 from .placements import SiteError
+from .placements.base import has_parameter
 from .placements.weight import plan_shared
+from .placements.grid import token_grid
 from .resolve import Binding, Bindings
+from .spans import is_span, site_key
 from .syntax import Chunks
-from .trace import leaf_enclosing, region
+from .trace import indexed_regions, leaf_enclosing, region
 from .tuners import SiteInfo, TunerArgs
 
 __all__ = ["Insertion", "Plan", "plan", "propagate_shapes", "probe_layouts"]
@@ -53,6 +56,7 @@ class Insertion:
     mergeable: bool
     rule_line: int
     module_name: str          # where rewrite registers the tuner in the GraphModule
+    declaration: str | None = None   # the declared tuner the rule names: its sites share state
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -126,6 +130,8 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
 def plan(bindings: Bindings, gm: fx.GraphModule, example_input: torch.Tensor,
          tuner_namespace: str = "tuners") -> Plan:
     """Size every binding's tuner from the shapes of ``gm`` (traced, untouched) on ``example_input``."""
+    if bindings.spans:   # span sites look their members up here, in every graph of gm (utdsl.spans)
+        gm.meta.setdefault("utdsl_spans", {}).update(bindings.spans)
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before raising
             propagate_shapes(gm, example_input)
@@ -142,11 +148,12 @@ def plan(bindings: Bindings, gm: fx.GraphModule, example_input: torch.Tensor,
     insertions: list[Insertion] = []
     diagnostics: list[Diagnostic] = list(bindings.warnings)
     failed: dict[tuple, list[str]] = {}   # one diagnostic per rule and reason, naming its sites
-    for binding in bindings.bindings:
-        try:
-            insertions.append(_plan_one(binding, gm, modules, tuner_namespace))
-        except SiteError as error:
-            failed.setdefault((binding.rule.span, error.message, error.hint), []).append(binding.path)
+    with indexed_regions(gm):
+        for binding in bindings.bindings:
+            try:
+                insertions.append(_plan_one(binding, gm, modules, tuner_namespace))
+            except SiteError as error:
+                failed.setdefault((binding.rule.span, error.message, error.hint), []).append(binding.path)
     for (span, message, hint), paths in failed.items():
         more = f" (and {len(paths) - 1} more like it: {listing(paths[1:], most=3)})" if len(paths) > 1 else ""
         diagnostics.append(Diagnostic(f"{paths[0]}{more}: {message}", span, hint))
@@ -162,6 +169,33 @@ def plan(bindings: Bindings, gm: fx.GraphModule, example_input: torch.Tensor,
 def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: str) -> Insertion:
     rule = binding.rule
     tuner_cls = tuners.get(rule.tuner.name)
+    if has_parameter(gm, binding.path):   # a raw parameter (pos_embed): resolve binds them for `weight`
+        info, in_axis, out_axis = placements.get(rule.placement).analyze_parameter(binding, gm)
+    else:
+        info, in_axis, out_axis = _analyze_module(binding, gm, modules)
+    try:
+        if hasattr(tuner_cls, "check_site"):
+            tuner_cls.check_site(rule.args, info)
+        with torch.device("meta"):
+            unit = tuner_cls.build(rule.args, info)
+    except (ValueError, TypeError) as error:
+        raise SiteError(f"cannot build {rule.tuner.name} here: {error}") from error
+    per_unit = sum(p.numel() for p in unit.parameters())
+    units = len(binding.chunks.indices) if binding.chunks else 1
+    return Insertion(
+        site=binding.path, placement=rule.placement, tuner=rule.tuner.name, args=rule.args,
+        chunks=binding.chunks, info=info, in_axis=in_axis, out_axis=out_axis,
+        params=per_unit * units, identity_at_init=tuner_cls.identity_at_init(rule.args),
+        mergeable=tuner_cls.mergeable_with(rule.args, rule.placement)
+        and info.extras.get("conv", {}).get("groups", 1) == 1 and not is_span(binding.path),
+        rule_line=rule.span.line, declaration=rule.declaration,
+        module_name=f"{namespace}.{site_key(binding.path)}.{rule.placement}_{rule.tuner.name}",
+    )
+
+
+def _analyze_module(binding: Binding, gm: fx.GraphModule, modules: dict) -> tuple[SiteInfo, int, int]:
+    """The placement's analysis of a module site, once the forward is known to use the module."""
+    rule = binding.rule
     found = region(gm.graph, binding.path)
     if found is None:
         leaf = leaf_enclosing(gm.graph, binding.path)
@@ -177,21 +211,9 @@ def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: st
         raise SiteError(f"this module is never called, and its weight is used by {found.calls} "
                          "functional calls; a tuner attaches to one use",
                          "select a module that is called, or one whose weight the forward uses once")
-    module = modules.get(binding.path)
-    info, in_axis, out_axis = placement.analyze(binding, found, module, gm)
-    try:
-        with torch.device("meta"):
-            unit = tuner_cls.build(rule.args, info)
-    except (ValueError, TypeError) as error:
-        raise SiteError(f"cannot build {rule.tuner.name} here: {error}") from error
-    per_unit = sum(p.numel() for p in unit.parameters())
-    units = len(binding.chunks.indices) if binding.chunks else 1
-    return Insertion(
-        site=binding.path, placement=rule.placement, tuner=rule.tuner.name, args=rule.args,
-        chunks=binding.chunks, info=info, in_axis=in_axis, out_axis=out_axis,
-        params=per_unit * units, identity_at_init=tuner_cls.identity_at_init(rule.args),
-        mergeable=tuner_cls.mergeable_with(rule.args, rule.placement)
-        and info.extras.get("conv", {}).get("groups", 1) == 1,
-        rule_line=rule.span.line,
-        module_name=f"{namespace}.{binding.path}.{rule.placement}_{rule.tuner.name}",
-    )
+    if is_span(binding.path) and rule.placement not in ("parallel", "sequential"):
+        raise SiteError(f"a span site takes `parallel` or `sequential`, not `{rule.placement}`")
+    info, in_axis, out_axis = placement.analyze(binding, found, modules.get(binding.path), gm)
+    if getattr(tuners.get(rule.tuner.name), "token_grid", False):   # a convolutional tuner on tokens
+        info = token_grid(info, gm, found, rule.placement)
+    return info, in_axis, out_axis

@@ -20,16 +20,19 @@ import torch.fx as fx
 
 from . import placements
 from .plan import Plan
-from .trace import region
+from .trace import indexed_regions, region
 
 __all__ = ["rewrite"]
 
 
 def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     """Insert every tuner of ``plan`` into ``gm`` (in place) and return it, linted and recompiled."""
-    for insertion in plan.insertions:
-        found = region(gm.graph, insertion.site)
-        placements.get(insertion.placement).insert(gm, insertion, found)
+    with indexed_regions(gm):
+        for insertion in plan.insertions:
+            found = region(gm.graph, insertion.site)
+            placements.get(insertion.placement).insert(gm, insertion, found)
+    for name in dict.fromkeys(i.placement for i in plan.insertions):
+        placements.get(name).finish(gm)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -12,7 +12,7 @@ from typing import Any, Union
 from .errors import Source, Span
 
 __all__ = [
-    "Name", "Star", "GlobStar", "Group", "Segment", "IndexRange", "Chunks", "Path", "Selector",
+    "Name", "Star", "GlobStar", "Group", "Segment", "IndexRange", "Chunks", "Run", "Path", "Selector",
     "Expr", "Literal", "Ref", "BinOp", "Neg",
     "Arg", "TunerCall", "Header", "Let", "Use", "Rule", "Train", "Freeze", "Statement", "Spec",
 ]
@@ -106,6 +106,21 @@ class Chunks:
 
 
 @dataclass(frozen=True)
+class Run:
+    """``(norm2 .. drop_path2)`` after a path: a span site inside the selected module, from the
+    input of its child ``start`` to the output of its child ``end`` (``inclusive``), or to the value
+    ``end`` reads (``norm1 ..< norm2``)."""
+
+    start: str
+    end: str
+    inclusive: bool
+    span: Span
+
+    def __str__(self) -> str:
+        return f"({self.start} {'..' if self.inclusive else '..<'} {self.end})"
+
+
+@dataclass(frozen=True)
 class Path:
     """Dotted segments; matches any module path ending so unless ``rooted`` (written ``^a.b``).
     With a ``role`` (written ``@classifier.bias``) the segments follow the module(s) playing that
@@ -116,13 +131,14 @@ class Path:
     rooted: bool = False
     role: str | None = None
     chunks: "Chunks | None" = None     # a selector's alternative may tune parts of the output
+    span_site: "Run | None" = None     # a run of operations inside the matched module
 
     def __str__(self) -> str:
         if self.role is not None:
             text = ".".join(["@" + self.role, *map(str, self.segments)])
         else:
             text = ("^" if self.rooted else "") + ".".join(map(str, self.segments))
-        return text + (str(self.chunks) if self.chunks else "")
+        return text + (str(self.span_site) if self.span_site else "") + (str(self.chunks) if self.chunks else "")
 
 
 @dataclass(frozen=True)
@@ -213,11 +229,23 @@ class Use:
 
 
 @dataclass(frozen=True)
+class Declare:
+    """``tuner NAME = TUNER(ARGS)``: a tuner configuration that rules use by name."""
+
+    name: str
+    tuner: "TunerCall"
+    span: Span
+    name_span: Span
+
+
+@dataclass(frozen=True)
 class Rule:
     """``SELECTOR -> PLACEMENT TUNER(ARGS)``.
 
     After ``check``, ``args`` holds the validated pydantic arguments of the tuner and
-    ``origin`` the path of the spec file the rule came from (differs from the top spec for ``use``).
+    ``origin`` the path of the spec file the rule came from (differs from the top spec for ``use``);
+    a rule naming a declared tuner holds the declaration's tuner call and, in ``declaration``, its
+    name (the group whose sites share state).
     """
 
     selector: Selector
@@ -227,6 +255,7 @@ class Rule:
     placement_span: Span
     args: Any = None
     origin: str | None = None
+    declaration: str | None = None
 
 
 @dataclass(frozen=True)
@@ -241,7 +270,7 @@ class Freeze:
     span: Span
 
 
-Statement = Union[Header, Let, Use, Rule, Train, Freeze]
+Statement = Union[Header, Let, Use, Declare, Rule, Train, Freeze]
 
 
 @dataclass(frozen=True)

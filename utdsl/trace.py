@@ -16,9 +16,11 @@ their defaults: the compiled model is called with its input alone, as a classifi
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.fx as fx
@@ -27,7 +29,7 @@ from torch import nn
 
 from .errors import ModelError
 
-__all__ = ["leaf_enclosing", "trace", "trace_graph", "copy_model_attrs", "Region", "region", "module_path_of", "stack_up_to",
+__all__ = ["indexed_regions", "RegionIndex", "leaf_enclosing", "trace", "trace_graph", "copy_model_attrs", "Region", "region", "module_path_of", "stack_up_to",
            "FunctionalUse", "weight_calls"]
 
 
@@ -48,6 +50,40 @@ class BackboneTracer(fx.Tracer):
         self._leaf_types, functions = _timm_notrace()
         super().__init__(autowrap_functions=functions)
         self._through: set[int] = set()   # modules traced through a replacement forward
+        self._names: tuple[dict[int, str], dict[int, str]] | None = None
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        self._names = None
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            self._names = None
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        """fx's lookup of a parameter or buffer read inside a forward, by a name index built once a
+        trace (fx searches ``named_parameters()`` on every read: quadratic in the model's size).
+        The first name of a tensor wins, as in fx's search."""
+        if not isinstance(attr_val, torch.Tensor) or not isinstance(self.root, nn.Module):
+            return attr_val
+        if self._names is None:
+            params: dict[int, str] = {}
+            for name, p in self.root.named_parameters():
+                params.setdefault(id(p), name)
+            buffers: dict[int, str] = {}
+            for name, b in self.root.named_buffers():
+                buffers.setdefault(id(b), name)
+            self._names = (params, buffers)
+        params, buffers = self._names
+        name = params.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if name is None and self.proxy_buffer_attributes:
+            name = buffers.get(id(attr_val))
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            factory = (None if not self.param_shapes_constant
+                       else lambda node: fx.proxy.ParameterProxy(self, node, name, attr_val))
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {}, proxy_factory_fn=factory)
+        return parameter_proxy_cache[name]
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self._through:
@@ -101,7 +137,8 @@ def trace_graph(model: nn.Module, example_input=None, route: str = "auto") -> fx
 def leaf_enclosing(graph: fx.Graph, path: str) -> str | None:
     """The innermost module enclosing ``path`` that ``graph`` calls as one opaque leaf, if any: a
     site inside it has no nodes of its own."""
-    called = {n.target for n in graph.nodes if n.op == "call_module"}
+    index = _ACTIVE.get(id(graph))
+    called = index.called() if index is not None else {n.target for n in graph.nodes if n.op == "call_module"}
     parts = path.split(".")
     for end in range(len(parts) - 1, 0, -1):
         prefix = ".".join(parts[:end])
@@ -176,8 +213,15 @@ def region(graph: fx.Graph, path: str) -> Region | None:
     """The region of module ``path`` in ``graph``, or None if the module is neither called nor its
     weight used by a linear or convolution call. A module called by the forward has the region of
     its calls (``calls == 0``); otherwise the region holds the functional calls of its weight
-    (:func:`weight_calls`) and the nodes inserted at the site since."""
-    tagged = [n for n in graph.nodes if path in module_path_of(n)]
+    (:func:`weight_calls`) and the nodes inserted at the site since. Inside
+    :func:`indexed_regions` the lookup reads the graph's index instead of scanning the graph.
+    A span site path (``blocks.3(norm2..drop_path2)``) has the region of :func:`utdsl.spans.span_region`."""
+    if path.endswith(")"):
+        from .spans import span_region
+
+        return span_region(graph, path)
+    index = _ACTIVE.get(id(graph))
+    tagged = index.tagged(path) if index is not None else [n for n in graph.nodes if path in module_path_of(n)]
     if any(not _functional_entry(n, path) for n in tagged):
         return _bounded(path, tagged, {}, calls=0)
     data = weight_calls(graph, path)
@@ -248,7 +292,14 @@ def _is_transpose(node: fx.Node) -> bool:
 def stack_up_to(node: fx.Node, path: str) -> dict:
     """``node``'s module stack truncated after ``path``: the stack of a node added *at* ``path``.
     When ``path`` is not on it (a module used functionally), ``path`` is appended with the type
-    :class:`FunctionalUse`, so that :func:`region` finds the added node at the site."""
+    :class:`FunctionalUse`, so that :func:`region` finds the added node at the site. A span site
+    (``blocks.3(norm2..drop_path2)``) truncates after its parent module and appends the span."""
+    if path.endswith(")"):
+        from .spans import parse_site
+
+        stack = stack_up_to(node, parse_site(path).parent)
+        stack[path] = (path, FunctionalUse)
+        return stack
     stack = {}
     for key, value in (node.meta.get("nn_module_stack") or {}).items():
         stack[key] = value
@@ -256,3 +307,92 @@ def stack_up_to(node: fx.Node, path: str) -> dict:
             return stack
     stack[path] = (path, FunctionalUse)
     return stack
+
+
+class RegionIndex:
+    """The nodes of one graph by the module paths on their stacks, kept up to date as nodes are
+    added or erased (through the GraphModule's node hooks), so that looking a region up costs the
+    region's size, not the graph's: a compile stays linear in its insertions.
+
+    A new node's stack is read at the first lookup after its creation (placements set it right
+    after creating the node)."""
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self._by_path: dict[str, list[fx.Node]] = {}
+        self._unsorted: set[str] = set()
+        self._pending: dict[fx.Node, None] = {}
+        self._calls: dict[str, int] = {}    # call_module target -> number of calls
+        for node in graph.nodes:
+            self._add(node)
+        self._unsorted.clear()
+
+    def _add(self, node: fx.Node) -> None:
+        for path in dict.fromkeys(module_path_of(node)):
+            self._by_path.setdefault(path, []).append(node)
+            self._unsorted.add(path)
+        if node.op == "call_module":
+            self._calls[node.target] = self._calls.get(node.target, 0) + 1
+
+    def created(self, node: fx.Node) -> None:
+        if node.graph is self.graph:
+            self._pending[node] = None
+
+    def erased(self, node: fx.Node) -> None:
+        if node.graph is not self.graph:
+            return
+        if node in self._pending:
+            del self._pending[node]
+            return
+        for path in dict.fromkeys(module_path_of(node)):
+            nodes = self._by_path.get(path, [])
+            if node in nodes:
+                nodes.remove(node)
+        if node.op == "call_module" and self._calls.get(node.target):
+            self._calls[node.target] -= 1
+
+    def _settle(self) -> None:
+        pending, self._pending = self._pending, {}
+        for node in pending:
+            self._add(node)
+
+    def tagged(self, path: str) -> list[fx.Node]:
+        """The nodes whose module stack holds ``path``, in graph order."""
+        self._settle()
+        nodes = self._by_path.get(path, [])
+        if path in self._unsorted:
+            nodes.sort()          # fx nodes compare by their position in the graph
+            self._unsorted.discard(path)
+        return list(nodes)
+
+    def called(self) -> set:
+        """The targets of the graph's ``call_module`` nodes."""
+        self._settle()
+        return {target for target, count in self._calls.items() if count}
+
+
+_ACTIVE: dict[int, RegionIndex] = {}
+
+
+@contextlib.contextmanager
+def indexed_regions(gm: fx.GraphModule) -> Iterator[RegionIndex | None]:
+    """Within the block, :func:`region` and :func:`leaf_enclosing` on ``gm.graph`` (the graph
+    active on entry) read a :class:`RegionIndex` that follows the graph's edits (yielded; None
+    where this torch has no node hooks, and lookups scan the graph as outside the block)."""
+    graph = gm.graph
+    if id(graph) in _ACTIVE:        # nested: the outer index already follows this graph
+        yield _ACTIVE[id(graph)]
+        return
+    if getattr(gm, "_register_create_node_hook", None) is None:
+        yield None
+        return
+    index = RegionIndex(graph)
+    gm._register_create_node_hook(index.created)
+    gm._register_erase_node_hook(index.erased)
+    _ACTIVE[id(graph)] = index
+    try:
+        yield index
+    finally:
+        del _ACTIVE[id(graph)]
+        gm._unregister_create_node_hook(index.created)
+        gm._unregister_erase_node_hook(index.erased)

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from utdsl.errors import DataError, did_you_mean
 
 __all__ = ["DatasetInfo", "ImageListDataset", "ArrayDataset", "layout_error", "listing",
-           "require_root", "check_split"]
+           "require_root", "check_split", "inside_root"]
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,15 @@ def require_root(spec: str, root: str | Path | None, expected: str, layout: str)
         raise DataError(f"data set '{spec}' needs a data root: expected {expected} ({layout})",
                         hint="pass --data-root DIR")
     return Path(root).expanduser()
+
+
+def inside_root(spec: str, root: Path, relative: str, where: str) -> str:
+    """``root / relative`` as a string, or a DataError when ``relative`` is absolute or leaves
+    ``root`` (``../``): a split file may only name images under its data set's directory."""
+    if Path(relative).is_absolute() or ".." in Path(relative).parts:
+        raise DataError(f"data set '{spec}': {where}: image path '{relative}' leaves the data root",
+                        hint=f"image paths are relative to {root} and stay inside it")
+    return str(root / relative)
 
 
 def check_split(spec: str, split: str, allowed: Sequence[str]) -> None:

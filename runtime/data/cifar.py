@@ -61,6 +61,20 @@ def _load(path: Path, keys: tuple[str, ...]) -> dict:
     return content
 
 
+def _labels(raw: Any, path: Path) -> list[int]:
+    """The fine labels as ints; anything but a sequence of integers is a DataError."""
+    try:
+        values = list(raw)
+    except TypeError:
+        raise DataError(f"data set 'cifar100': '{path}': fine_labels is a {type(raw).__name__}, "
+                        "not a list of integers") from None
+    for index, label in enumerate(values):
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+            raise DataError(f"data set 'cifar100': '{path}': fine_labels[{index}] is {label!r}, not an integer",
+                            hint="the file is damaged; unpack cifar-100-python.tar.gz again")
+    return [int(label) for label in values]
+
+
 def build_cifar100(root: str | Path | None, split: str, transform: Callable | None) -> ArrayDataset:
     """CIFAR-100 at ``root``; images are 32x32 RGB, labels the 100 fine classes."""
     spec = "cifar100"
@@ -77,7 +91,7 @@ def build_cifar100(root: str | Path | None, split: str, transform: Callable | No
     names = tuple(str(n) for n in _load(base / "meta", ("fine_label_names",))["fine_label_names"])
     batch = _load(base / file_name, ("data", "fine_labels"))
     data = np.asarray(batch["data"], dtype=np.uint8)
-    labels = [int(label) for label in batch["fine_labels"]]
+    labels = _labels(batch["fine_labels"], base / file_name)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != len(labels):
         raise DataError(f"data set 'cifar100': '{base / file_name}' holds data of shape {data.shape} "
                         f"for {len(labels)} labels; expected ({len(labels)}, 3072)")

@@ -20,7 +20,7 @@ from typing import Callable
 
 from utdsl.errors import DataError
 
-from .base import DatasetInfo, ImageListDataset, check_split, layout_error, require_root
+from .base import DatasetInfo, ImageListDataset, check_split, inside_root, layout_error, require_root
 
 __all__ = ["FGVC", "SPLITS", "build_fgvc"]
 
@@ -43,7 +43,7 @@ def _read_split(spec: str, root: Path, split: str) -> dict[str, int]:
                            hint="ROOT is the data set's own directory, with the split files VPT "
                                 "prepares (train.json, val.json, test.json)")
     try:
-        anno = json.loads(path.read_text())
+        anno = json.loads(path.read_bytes().decode("utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"data set '{spec}': '{path}' is not valid JSON: {error}") from None
     if not isinstance(anno, dict):
@@ -85,7 +85,8 @@ def build_fgvc(name: str, root: str | Path | None, split: str, transform: Callab
     if not image_dir.is_dir():
         raise layout_error(spec, root, f"ROOT/{image_dir_name}/ holding the images listed in the JSON "
                            "files", LAYOUT)
-    samples = [(str(image_dir / image), label_of[class_id]) for image, class_id in anno.items()]
+    samples = [(inside_root(spec, image_dir, image, f"{split}.json"), label_of[class_id])
+               for image, class_id in anno.items()]
     first = samples[0][0]
     if not Path(first).is_file():
         raise DataError(f"data set '{spec}': image '{next(iter(anno))}' listed in {split}.json is not "

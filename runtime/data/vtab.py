@@ -14,12 +14,13 @@ Labels are used as written; the number of classes is the task's, not the count s
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable
 
 from utdsl.errors import DataError
 
-from .base import DatasetInfo, ImageListDataset, check_split, layout_error, require_root
+from .base import DatasetInfo, ImageListDataset, check_split, inside_root, layout_error, require_root
 
 __all__ = ["VTAB", "SPLITS", "build_vtab"]
 
@@ -37,18 +38,24 @@ LAYOUT = "NOAH VTAB-1k layout"
 
 def _read_list(spec: str, path: Path, task_dir: Path, num_classes: int) -> list[tuple[str, int]]:
     samples = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"data set '{spec}': {path}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} "
+                            f"at column {error.start + 1})") from None
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise DataError(f"data set '{spec}': {path}:{number}: expected 'relative/image/path label', "
-                            f"got '{line.strip()}'")
+        if len(parts) != 2 or not re.fullmatch(r"-?[0-9]{1,9}", parts[1]):
+            shown = line.strip() if len(line) <= 200 else line.strip()[:200] + "..."
+            raise DataError(f"data set '{spec}': {path}:{number}: expected 'relative/image/path label' "
+                            f"(an integer label), got {shown!r}")
         label = int(parts[1])
         if not 0 <= label < num_classes:
             raise DataError(f"data set '{spec}': {path}:{number}: label {label} is outside "
                             f"range(0, {num_classes}) for this task")
-        samples.append((str(task_dir / parts[0].strip()), label))
+        samples.append((inside_root(spec, task_dir, parts[0].strip(), f"{path}:{number}"), label))
     if not samples:
         raise DataError(f"data set '{spec}': '{path}' lists no images")
     return samples

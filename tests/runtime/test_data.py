@@ -253,7 +253,7 @@ def test_vtab_wrong_roots_and_bad_lines(tmp_path):
     (tmp_path / "dtd" / "test.txt").write_text("images/a.jpg 1\n\nimages/b.jpg\n")
     message, _ = error_of(build_dataset, "vtab:dtd", tmp_path, "test", None)
     assert message == (f"data set 'vtab:dtd': {tmp_path}/dtd/test.txt:3: expected 'relative/image/path "
-                       "label', got 'images/b.jpg'")
+                       "label' (an integer label), got 'images/b.jpg'")
     (tmp_path / "dtd" / "test.txt").write_text("images/a.jpg 47\n")
     message, _ = error_of(build_dataset, "vtab:dtd", tmp_path, "test", None)
     assert message == (f"data set 'vtab:dtd': {tmp_path}/dtd/test.txt:1: label 47 is outside "

@@ -48,21 +48,35 @@ def _register_commands() -> None:
     export_cmd.register(app)
 
 
+def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--debug`` (accepted before or after the subcommand, not after ``--``)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    return [a for a in argv[:end] if a != "--debug"] + argv[end:], debug
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the console script (and ``python -m utdsl``)."""
+    """Entry point of the console script (and ``python -m utdsl``).
+
+    Exit codes: 0 done, 2 a user error (a :class:`UtdslError`, a validation or usage error; the
+    message without a traceback), 130 interrupted (Ctrl-C); ``--debug`` anywhere on the command
+    line shows tracebacks instead."""
     _register_commands()
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args, debug = _split_debug(list(argv if argv is not None else sys.argv[1:]))
+    _state["debug"] = debug
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)
     except (UtdslError, ValidationError) as error:
         if debug:
             raise
         print(str(error), file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(error, "exit_code", 2))
     except typer.Exit as done:
         sys.exit(done.exit_code)
-    except typer.Abort:
-        err_console.print("aborted")
+    except (typer.Abort, KeyboardInterrupt):
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as error:  # click usage errors arrive as ClickException subclasses
         import click
@@ -71,3 +85,5 @@ def main(argv: list[str] | None = None) -> None:
             error.show()
             sys.exit(2)
         raise
+    if isinstance(code, int) and code:  # typer returns (not raises) the code of an Exit
+        sys.exit(code)

@@ -64,10 +64,17 @@ def train_cmd(
     num_workers: int = typer.Option(DEFAULT_WORKERS, "--num-workers", help="Data loader processes per rank."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also save resume state every N steps."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: on a TTY)."),
+    bad_images: str = typer.Option("error", "--bad-images", help="Unreadable images: 'error' (listed before "
+                                   "training) or 'skip' (left out, with a warning)."),
+    accept_changed_weights: bool = typer.Option(False, "--accept-changed-weights", help="Resume although the "
+                                                "--weights file differs from the one the run started with."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Go ahead without asking (e.g. tuners of unusual size)."),
 ) -> None:
     """Train SPEC on a backbone and data set; writes a run directory (config, metrics, checkpoints)."""
     from utdsl.runtime.config import resolve_config
-    from utdsl.runtime.distributed import broadcast_str, init_distributed, shutdown
+    from utdsl.runtime.distributed import broadcast_str, init_distributed, peer_errors, shutdown
+    from utdsl.runtime.guard import Interrupted
+    from utdsl.runtime.rundir import RunDir
     from utdsl.runtime.recipes import RecipeError, load_recipe
     from utdsl.values import parse_assignments
     from utdsl.runtime.train import train
@@ -87,22 +94,29 @@ def train_cmd(
             raise RecipeError(f"--resume continues a run with its own configuration; drop {', '.join(given)}")
     elif spec is None:
         raise RecipeError("give a SPEC to train, or --resume RUN")
-    ctx = init_distributed(device)
+    if bad_images not in ("error", "skip"):
+        raise RecipeError(f"--bad-images takes 'error' or 'skip', not '{bad_images}'")
+    the_recipe = load_recipe(recipe or "default", overrides) if resume is None else None
+    timeout = the_recipe.dist_timeout if the_recipe else RunDir(resume).read_config().get("recipe", {}).get("dist_timeout")
+    ctx = init_distributed(device, timeout=timeout)
+    run_dir = resume
     try:
-        config, run_dir = None, resume
-        if resume is None:
-            config = resolve_config(spec=spec, model=model or "vit_b16", data=data or "digits",
-                                    data_root=data_root, recipe=load_recipe(recipe or "default", overrides),
-                                    spec_overrides=lets, weights=weights, pretrained=pretrained,
-                                    world_size=ctx.world_size, model_kwargs=model_kwargs)
-            chosen = str(out or _default_out(config.spec_name, config.model, config.data)) if ctx.is_main else ""
-            run_dir = Path(broadcast_str(chosen, ctx))
-        from utdsl.cli import err_console
+        with peer_errors(ctx, str(resume) if resume else None):
+            config = None
+            if resume is None:
+                config = resolve_config(spec=spec, model=model or "vit_b16", data=data or "digits",
+                                        data_root=data_root, recipe=the_recipe,
+                                        spec_overrides=lets, weights=weights, pretrained=pretrained,
+                                        world_size=ctx.world_size, model_kwargs=model_kwargs)
+                chosen = str(out or _default_out(config.spec_name, config.model, config.data)) if ctx.is_main else ""
+                run_dir = Path(broadcast_str(chosen, ctx))
+            from utdsl.cli import err_console
 
-        echo = ((lambda text: err_console.print(f"warning: {text}", markup=False, soft_wrap=True))
-                if ctx.is_main else (lambda text: None))
-        result = train(config, run_dir, resume=resume is not None, ctx=ctx, num_workers=num_workers,
-                       progress=progress, checkpoint_every=checkpoint_every, echo=echo)
+            echo = ((lambda text: err_console.print(f"warning: {text}", markup=False, soft_wrap=True))
+                    if ctx.is_main else (lambda text: None))
+            result = train(config, run_dir, resume=resume is not None, ctx=ctx, num_workers=num_workers,
+                           progress=progress, checkpoint_every=checkpoint_every, echo=echo,
+                           bad_images=bad_images, accept_changed_weights=accept_changed_weights, yes=yes)
         if ctx.is_main:
             from utdsl.cli import console
 
@@ -111,6 +125,10 @@ def train_cmd(
             last = f"{result.last_eval.top1:.2f}%" if result.last_eval else "-"
             console.print(f"run [bold]{run_dir}[/]: {state.epoch} epochs, {state.step} steps; "
                           f"top-1 last {last}, best {best}", highlight=False, soft_wrap=True)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop started
+        if run_dir is not None and RunDir(run_dir).exists():
+            raise Interrupted(f"interrupted; resume with utdsl train --resume {run_dir}") from None
+        raise
     finally:
         shutdown(ctx)
 
@@ -124,15 +142,20 @@ def eval_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     num_workers: int = typer.Option(DEFAULT_WORKERS, "--num-workers", help="Data loader processes."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    accept_changed_weights: bool = typer.Option(False, "--accept-changed-weights", help="Evaluate although the "
+                                                "run's --weights file changed since it trained."),
 ) -> None:
     """Evaluate a checkpoint (top-1, top-5, loss) on a data set split."""
+    from utdsl.cli import err_console
     from utdsl.runtime.distributed import init_distributed, shutdown
     from utdsl.runtime.evaluate import evaluate_checkpoint
 
     ctx = init_distributed(device)
     try:
-        result, what = evaluate_checkpoint(checkpoint, data=data, data_root=data_root, split=split,
-                                           batch_size=batch_size, num_workers=num_workers, ctx=ctx)
+        result, what = evaluate_checkpoint(
+            checkpoint, data=data, data_root=data_root, split=split, batch_size=batch_size,
+            num_workers=num_workers, ctx=ctx, accept_changed_weights=accept_changed_weights,
+            echo=lambda text: err_console.print(f"warning: {text}", markup=False, soft_wrap=True))
     finally:
         shutdown(ctx)
     if not ctx.is_main:

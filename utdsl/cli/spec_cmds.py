@@ -20,6 +20,11 @@ SET_OPT = typer.Option(None, "--set", "-s", help="Override a `let` binding: --se
 MODEL_OPT = typer.Option("vit_b16", "--model", "-m", help="A timm model name or alias (vit_b16, vit_s16, vit_t16).")
 
 
+def shorten(text: str, most: int = 80) -> str:
+    """``text`` cut to ``most`` characters with an ellipsis (names in one-line summaries)."""
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 def parse_sets(values: list[str] | None) -> dict[str, str]:
     """``--set r=16 --set alpha=32`` -> ``{"r": "16", "alpha": "32"}``."""
     return parse_assignments(values, "--set")
@@ -30,9 +35,12 @@ def check_cmd(spec: str = SPEC_ARG, sets: Optional[List[str]] = SET_OPT) -> None
     from ..compiler import load_spec
 
     checked = load_spec(spec, parse_sets(sets))
-    lets = ", ".join(f"{k}={v!r}" for k, v in checked.bindings.items())
-    console.print(f"ok: {checked.name or spec}: {len(checked.rules)} rules, "
-                  f"{len(checked.param_rules)} train/freeze" + (f"; {lets}" if lets else ""), markup=False, soft_wrap=True)
+    lets = ", ".join(f"{shorten(k)}={shorten(repr(v))}" for k, v in list(checked.bindings.items())[:20])
+    if len(checked.bindings) > 20:
+        lets += f", ... ({len(checked.bindings) - 20} more)"
+    # console.out: no wrapping, which rich does in time quadratic in a word's length
+    console.out(f"ok: {shorten(checked.name or spec)}: {len(checked.rules)} rules, "
+                f"{len(checked.param_rules)} train/freeze" + (f"; {lets}" if lets else ""), highlight=False)
 
 
 def inspect_cmd(model: str = MODEL_OPT,

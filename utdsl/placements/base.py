@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..plan import Insertion
 
 __all__ = ["FULL", "SiteError", "Placement", "tensor_shape", "site_device_dtype", "build_units",
-           "shared_module", "add_node_after", "has_module"]
+           "shared_module", "add_node_after", "has_module", "has_parameter"]
 
 FULL = "full"
 """The unit key of a site without chunks."""
@@ -59,6 +59,10 @@ class Placement:
         """Insert ``insertion``'s tuner into ``gm`` at ``found`` (looked up again before each insertion)."""
         raise NotImplementedError
 
+    @classmethod
+    def finish(cls, gm: fx.GraphModule) -> None:
+        """Rewrite what this placement inserted once every insertion of the plan is in (default: nothing)."""
+
 
 def tensor_shape(node: fx.Node) -> tuple[int, ...]:
     """``node``'s traced shape; :class:`SiteError` when it is not a single tensor."""
@@ -82,6 +86,14 @@ def site_device_dtype(gm: fx.GraphModule, site: str) -> tuple[torch.device, torc
 def has_module(gm: nn.Module, path: str) -> bool:
     try:
         gm.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def has_parameter(gm: nn.Module, path: str) -> bool:
+    try:
+        gm.get_parameter(path)
         return True
     except AttributeError:
         return False

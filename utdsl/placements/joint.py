@@ -63,6 +63,12 @@ class Joint(nn.Module):
             y = torch.cat(parts, dim=-1)
         return y.movedim(-1, self.out_axis) if self.out_axis != -1 else y
 
+    def _combine_full(self, h: torch.Tensor, fn) -> torch.Tensor:
+        """``fn(h)`` with h's channel axis last, moved back after."""
+        if self.out_axis == -1:
+            return fn(h)
+        return fn(h.movedim(self.out_axis, -1)).movedim(-1, self.out_axis)
+
 
 def joined_output(binding: Binding, found: Region, module: nn.Module | None) -> tuple[tuple[int, ...], int]:
     """The shape and channel axis of the one value the region gives."""
@@ -85,9 +91,10 @@ def split_chunks(info: SiteInfo, chunks: Chunks | None, chunked_input: bool) -> 
 
 
 def insert_joint(gm: fx.GraphModule, insertion: Insertion, found: Region,
-                 make: Callable[..., Joint], inputs: tuple[fx.Node, ...]) -> None:
+                 make: Callable[..., Joint], inputs: tuple[fx.Node, ...]) -> fx.Node:
     """Call the joint ``make(units, chunk_indices=, chunk_count=, in_axis=, out_axis=)`` builds (or
-    the one already registered) on (h, *inputs) right after h; uses of h outside the region read it."""
+    the one already registered) on (h, *inputs) right after h; uses of h outside the region read
+    it. Returns the joint's node."""
     (h,) = found.outputs
     chunks = insertion.chunks
     layout = dict(chunk_indices=chunks.indices if chunks else None,
@@ -99,3 +106,4 @@ def insert_joint(gm: fx.GraphModule, insertion: Insertion, found: Region,
     y = add_node_after(gm, h, insertion.module_name, joint, (h, *inputs), insertion.site, h)
     for user in outside_users:
         user.replace_input_with(h, y)
+    return y

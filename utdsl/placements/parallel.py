@@ -45,8 +45,14 @@ class ParallelJoint(Joint):
         self._fused = fused if self.chunk_indices is not None else None
         # a unit in the site's own layout (a conv-shaped lowrank) maps x to h's shape itself
         self._native = bool(getattr(unit, "native_layout", False)) and self.chunk_indices is None
+        self._add_into = None if getattr(unit, "native_layout", False) else getattr(type(unit), "add_into_", None)
 
-    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, x: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        # ``fresh``: h is a linear's own output that nothing else reads (``Parallel.insert`` checks
+        # the graph), so without autograd the update may be added into it in place
+        if fresh and self._add_into is not None and not self.training and not torch.is_grad_enabled() \
+                and self.in_axis == -1 and self.out_axis == -1 and h.is_contiguous():
+            return self._add_into(list(self.units.values()), self.chunk_indices, self.chunk_count, x, h)
         if self._native:
             return h + self.units[FULL](x)
         if self.in_axis != -1:
@@ -83,7 +89,20 @@ class Parallel(Placement):
     @classmethod
     def insert(cls, gm: fx.GraphModule, insertion: Insertion, found: Region) -> None:
         (x,) = found.tensor_inputs
-        insert_joint(gm, insertion, found, ParallelJoint, (x,))
+        (h,) = found.outputs
+        node = insert_joint(gm, insertion, found, ParallelJoint, (x,))
+        if _fresh_linear_output(gm, found, h):
+            node.kwargs = {"fresh": True}
+
+
+def _fresh_linear_output(gm: fx.GraphModule, found: Region, h: fx.Node) -> bool:
+    """Whether the site is one linear call whose output only the joint reads (then nothing keeps
+    it for a backward, and inference may add into it in place)."""
+    if len(found.nodes) != 1 or found.nodes[0] is not h or len(h.users) != 1:
+        return False
+    if h.op == "call_module":
+        return type(gm.get_submodule(h.target)) is nn.Linear
+    return h.op == "call_function" and h.target is torch.nn.functional.linear
 
 
 def _leaf_conv(found: Region, module: nn.Module | None, x: fx.Node) -> dict[str, Any] | None:

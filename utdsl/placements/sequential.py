@@ -12,17 +12,19 @@ Invariants: those of :mod:`utdsl.placements.joint`; the tuner reads only h.
 from __future__ import annotations
 
 import functools
+import operator
 from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .. import tuners
 from ..resolve import Binding
 from ..trace import Region
 from ..tuners import SiteInfo
-from .base import Placement
+from .base import FULL, Placement
 from .joint import Joint, insert_joint, joined_output, split_chunks
 
 if TYPE_CHECKING:
@@ -32,15 +34,31 @@ __all__ = ["Sequential", "SequentialJoint"]
 
 
 class SequentialJoint(Joint):
-    """y = h + U(h), or U(h) when the tuner is residual-free (per chunk)."""
+    """y = h + U(h), or U(h) when the tuner is residual-free (per chunk).
+
+    A residual-free tuner class with ``chunked_forward(units, indices, count, h)`` (affine: one
+    full-width map, identity on the untuned chunks) runs chunked sites in one call, without
+    splitting and re-joining h."""
 
     def __init__(self, *args, residual: bool, **kwargs):
         super().__init__(*args, **kwargs)
         self.residual = residual
+        fused = getattr(type(next(iter(self.units.values()))), "chunked_forward", None)
+        self._fused = fused if self.chunk_indices is not None and not residual else None
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    #: (name, argument) of :data:`utdsl.tuners.affine.RECOMPUTE` when the site is that op and
+    #: the unit recomputes its input from the op's input (``insert`` sets it)
+    op: tuple | None = None
+
+    def forward(self, h: torch.Tensor, source: torch.Tensor | None = None, params: tuple = ()) -> torch.Tensor:
         if self.residual:
             return self._combine(h, lambda unit, part: part + unit(part))
+        if source is not None and self.op is not None and self.chunk_indices is None and self.out_axis == -1:
+            return self.units[FULL](h, source, self.op, params)
+        if self._fused is not None:
+            fused = self._fused
+            units = list(self.units.values())
+            return self._combine_full(h, lambda full: fused(units, self.chunk_indices, self.chunk_count, full))
         return self._combine(h, lambda unit, part: unit(part))
 
 
@@ -57,5 +75,96 @@ class Sequential(Placement):
 
     @classmethod
     def insert(cls, gm: fx.GraphModule, insertion: Insertion, found: Region) -> None:
-        residual = tuners.get(insertion.tuner).residual
-        insert_joint(gm, insertion, found, functools.partial(SequentialJoint, residual=residual), ())
+        tuner_cls = tuners.get(insertion.tuner)
+        node = insert_joint(gm, insertion, found, functools.partial(SequentialJoint, residual=tuner_cls.residual), ())
+        found_op = _recomputable(gm, found) if getattr(tuner_cls, "recomputes_input", False) else None
+        if found_op is not None and insertion.chunks is None and insertion.out_axis == -1:
+            joint = gm.get_submodule(insertion.module_name)
+            op, source, params = found_op
+            if joint.op in (None, op):
+                joint.op = op
+                node.kwargs = {"source": source, "params": params}
+
+    @classmethod
+    def finish(cls, gm: fx.GraphModule) -> None:
+        """Units that may keep their output for the backward (``keep_output``: affine) stop doing
+        so where a later op writes into that output in place: autograd would refuse the backward."""
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or not node.target.startswith("tuners."):
+                continue
+            joint = gm.get_submodule(node.target)
+            if isinstance(joint, SequentialJoint) and _written_in_place(gm, node):
+                for unit in joint.units.values():
+                    if getattr(unit, "keep_output", False):
+                        unit.keep_output = False
+
+
+#: ops whose result may share the memory of their first input
+_VIEW_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze", "unsqueeze",
+                 "expand", "expand_as", "contiguous", "view_as", "reshape_as", "narrow", "select", "unbind",
+                 "split", "chunk", "movedim", "t", "unfold", "detach", "type_as", "to", "float", "__getitem__"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+                   torch.unsqueeze, torch.movedim, torch.chunk, torch.split, torch.unbind, torch.narrow,
+                   torch.select, torch.t}
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _written_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether an op after ``node`` may write into its value in place: an ``inplace`` module or
+    function, a trailing-underscore method, an augmented assignment, reached through views and
+    parameter-free modules (which may return their input: Identity, Dropout in eval, DropPath)."""
+    seen, todo = set(), [node]
+    while todo:
+        value = todo.pop()
+        for user in value.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            first = user.args[0] if user.args else None
+            if user.op == "call_module":
+                module = gm.get_submodule(user.target)
+                if getattr(module, "inplace", False) is True and first is value:
+                    return True
+                if next(module.parameters(recurse=True), None) is None and first is value:
+                    todo.append(user)
+            elif user.op == "call_method":
+                if user.target.endswith("_") and not user.target.endswith("__") and first is value:
+                    return True
+                if user.target in _VIEW_METHODS and first is value:
+                    todo.append(user)
+            elif user.op == "call_function":
+                name = getattr(user.target, "__name__", "")
+                if first is value and (user.kwargs.get("inplace") is True or user.target in _IN_PLACE_OPERATORS
+                                       or (name.endswith("_") and not name.endswith("__"))):
+                    return True
+                if user.target in _VIEW_FUNCTIONS and first is value:
+                    todo.append(user)
+    return False
+
+
+#: activation modules an affine recomputes its input from: type -> (name, argument)
+_ACTIVATION_MODULES = {nn.GELU: lambda m: ("gelu", m.approximate), nn.SiLU: lambda m: ("silu", ""),
+                       nn.ReLU: lambda m: ("relu", ""), nn.Tanh: lambda m: ("tanh", ""),
+                       nn.Sigmoid: lambda m: ("sigmoid", "")}
+
+
+def _recomputable(gm: fx.GraphModule, found: Region) -> tuple[tuple, fx.Node, tuple] | None:
+    """(op, input, parameter nodes) when the site computes its value by one operation that keeps
+    its one input for its own backward: an elementwise activation module (``nn.GELU``...) or
+    ``F.layer_norm`` on parameters read by the site; else None."""
+    nodes = [n for n in found.nodes if n.op != "get_attr"]
+    if len(nodes) != 1 or not isinstance(nodes[0].args[0] if nodes[0].args else None, fx.Node):
+        return None
+    (node,) = nodes
+    if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+        module = gm.get_submodule(node.target)
+        describe = _ACTIVATION_MODULES.get(type(module))
+        if describe is not None and not getattr(module, "inplace", False):
+            return describe(module), node.args[0], ()
+    if node.op == "call_function" and node.target is F.layer_norm:
+        values = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args)) | dict(node.kwargs)
+        params = (values.get("weight"), values.get("bias"))
+        if all(p is None or (isinstance(p, fx.Node) and p.op == "get_attr") for p in params) \
+                and isinstance(values.get("normalized_shape"), (tuple, list)):
+            return ("layer_norm", (tuple(values["normalized_shape"]), values.get("eps", 1e-5))), values["input"], params
+    return None

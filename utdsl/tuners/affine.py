@@ -1,5 +1,13 @@
 """``affine``: per-channel scale and shift, residual-free (SSF, Lian et al., 2022; IA3 with
-``shift=false``, Liu et al., 2022). y = h * scale + shift; identity at init by default."""
+``shift=false``, Liu et al., 2022). y = h * scale + shift; identity at init by default.
+
+The map runs as :func:`affine`, an autograd function that keeps its *output* for the backward
+and rebuilds the input from it (h = (y - shift) / scale): the op after the tuner keeps y anyway,
+so an affine costs no activation memory of its own, where ``addcmul`` kept h beside y. A chunked
+site (IA3 on k and v of a fused qkv) is one full-width affine whose untuned chunks have scale 1
+and shift 0 (:meth:`Affine.chunked_forward`), instead of a split, two maps and a concatenation
+that kept the qkv output twice.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +43,11 @@ class Affine(Tuner):
     mergeable = frozenset({"sequential"})
     residual = False
     summary = "per-channel scale and shift (SSF; IA3 with shift=false); identity at init, mergeable"
+    #: after an activation or a layer norm the joint passes that op's input (``forward(h, source, op, params)``)
+    recomputes_input = True
+    #: whether the backward may keep y and rebuild h from it; the sequential placement clears it
+    #: where a later op writes into y in place (timm ResNet's ``ReLU(inplace=True)`` after a norm)
+    keep_output = True
 
     def __init__(self, features: int, args: AffineArgs):
         super().__init__()
@@ -55,15 +68,107 @@ class Affine(Tuner):
     def identity_at_init(cls, args: AffineArgs) -> bool:
         return args.init == "identity" or args.std == 0.0
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.scale is not None and self.shift is not None:
-            return torch.addcmul(self.shift, h, self.scale)  # one output tensor instead of two
-        if self.scale is not None:
-            h = h * self.scale
-        if self.shift is not None:
-            h = h + self.shift
-        return h
+    def forward(self, h: torch.Tensor, source: torch.Tensor | None = None, op: tuple | None = None,
+                params: tuple = ()) -> torch.Tensor:
+        """y = h * scale + shift; with ``source``, h is ``op`` of it (see :func:`affine`)."""
+        return affine(h, self.scale, self.shift, source, op, params, keep_output=self.keep_output)
+
+    @staticmethod
+    def chunked_forward(units: list["Affine"], indices: tuple[int, ...], count: int,
+                        h: torch.Tensor) -> torch.Tensor:
+        """The units on their chunks of ``h``'s last axis at once: one full-width affine whose
+        untuned chunks are scaled by 1 and shifted by 0 (exactly h there)."""
+        size = h.shape[-1] // count
+        first = units[0]
+        scale = shift = None
+        if first.scale is not None:
+            parts = [first.scale.new_ones(size)] * count
+            for index, unit in zip(indices, units):
+                parts[index] = unit.scale
+            scale = torch.cat(parts)
+        if first.shift is not None:
+            parts = [first.shift.new_zeros(size)] * count
+            for index, unit in zip(indices, units):
+                parts[index] = unit.shift
+            shift = torch.cat(parts)
+        return affine(h, scale, shift, keep_output=all(unit.keep_output for unit in units))
 
     def merge_delta(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(scale, shift) to fold into the op's output channels."""
         return self.scale, self.shift
+
+
+#: operations an affine can recompute its input h from in the backward, because they keep their
+#: own input for theirs: name -> h = f(input, argument, parameters)
+RECOMPUTE = {
+    "gelu": lambda u, approximate, _: torch.nn.functional.gelu(u, approximate=approximate),
+    "silu": lambda u, _, __: torch.nn.functional.silu(u),
+    "relu": lambda u, _, __: torch.relu(u),
+    "tanh": lambda u, _, __: torch.tanh(u),
+    "sigmoid": lambda u, _, __: torch.sigmoid(u),
+    "layer_norm": lambda u, shape_eps, wb: torch.nn.functional.layer_norm(u, shape_eps[0], *wb, eps=shape_eps[1]),
+}
+#: those whose dtype autocast changes: recomputed only outside autocast
+_AUTOCAST = {"layer_norm"}
+
+
+def affine(h: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
+           source: torch.Tensor | None = None, op: tuple | None = None, params: tuple = (), *,
+           keep_output: bool = True) -> torch.Tensor:
+    """h * scale + shift on h's last axis (either term may be None). For the backward it keeps
+    ``source`` when h = RECOMPUTE[name](source, argument, params) for ``op = (name, argument)``
+    (that op keeps ``source`` already), else y rather than h where that is exact and no larger
+    and ``keep_output`` says nothing writes into y later (:class:`_AffineFunction`)."""
+    if scale is None:
+        return h + shift
+    if torch.compiler.is_compiling():   # the compiler chooses what to keep itself
+        return h * scale if shift is None else torch.addcmul(shift, h, scale)
+    if source is not None and op[0] in _AUTOCAST and torch.is_autocast_enabled(h.device.type):
+        source = None
+    return _AffineFunction.apply(h, scale, shift, source, op, tuple(params), keep_output)
+
+
+class _AffineFunction(torch.autograd.Function):
+    """y = h * scale (+ shift). Backward: dh = g * scale, dscale = sum(g * h), dshift = sum(g),
+    sums over every axis but the last. For dscale, h is recomputed from ``source`` when given,
+    else rebuilt as (y - shift) / scale when every scale is nonzero and y has h's dtype (on a GPU
+    that check waits for the device), else kept, as ``addcmul`` did."""
+
+    @staticmethod
+    def forward(ctx, h, scale, shift, source, op, params, keep_output):
+        y = h * scale if shift is None else torch.addcmul(shift, h, scale)
+        ctx.mode, ctx.op, ctx.h_dtype, ctx.has_shift = "none", op, h.dtype, shift is not None
+        ctx.params = params     # the op's parameters (weights: no activation memory)
+        if not scale.requires_grad:
+            ctx.save_for_backward(None, scale, None)
+            return y
+        if source is not None:
+            ctx.mode = "source"
+            ctx.save_for_backward(source, scale, None)
+        elif keep_output and y.dtype == h.dtype and bool((scale != 0).all()):
+            ctx.mode = "output"
+            ctx.save_for_backward(y, scale, shift)
+        else:
+            ctx.mode = "input"
+            ctx.save_for_backward(h, scale, None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        value, scale, shift = ctx.saved_tensors
+        grad_h = grad_scale = grad_shift = None
+        leading = tuple(range(grad.dim() - 1))
+        if ctx.needs_input_grad[0]:
+            grad_h = (grad * scale).to(ctx.h_dtype)
+        if ctx.needs_input_grad[1]:
+            if ctx.mode == "source":
+                name, argument = ctx.op
+                h = RECOMPUTE[name](value, argument, ctx.params)
+            elif ctx.mode == "output":
+                h = (value - shift) / scale if shift is not None else value / scale
+            else:
+                h = value
+            grad_scale = (grad * h).sum(leading) if leading else grad * h
+        if ctx.has_shift and ctx.needs_input_grad[2]:
+            grad_shift = grad.sum(leading) if leading else grad
+        return grad_h, grad_scale, grad_shift, None, None, None, None

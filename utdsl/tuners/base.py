@@ -10,16 +10,42 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+import annotated_types
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 from torch import nn
 
-__all__ = ["TunerArgs", "SiteInfo", "Tuner"]
+__all__ = ["TunerArgs", "SiteInfo", "Tuner", "INT_BOUND", "FLOAT_BOUND", "RANKED"]
+
+#: magnitude bounds of an argument whose field declares no upper bound of its own
+INT_BOUND = 2**31 - 1
+FLOAT_BOUND = 1e9
+#: tuner -> its rank argument, which cannot exceed the narrower side of the site it tunes
+RANKED = {"lowrank": "r", "lora": "r", "dora": "r", "loha": "r", "hadamard": "r"}
 
 
 class TunerArgs(BaseModel):
-    """Base of tuner argument models: unknown arguments are errors, values are immutable."""
+    """Base of tuner argument models: unknown arguments are errors, values are immutable, types
+    are strict (``r=true`` and ``r="8"`` are not integers; an int is a float), floats are finite,
+    and a number whose field sets no upper bound is bounded by :data:`INT_BOUND`/:data:`FLOAT_BOUND`
+    (a size of 10**30 is a spec error, not an allocator crash)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _bounded(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value
+        field = cls.model_fields.get(info.field_name or "")
+        own = field is not None and any(isinstance(m, (annotated_types.Le, annotated_types.Lt))
+                                        for m in field.metadata)
+        bound = INT_BOUND if isinstance(value, int) else FLOAT_BOUND
+        if not own and value > bound:
+            raise ValueError(f"{value:g} is too large (at most {bound:g})" if isinstance(value, float)
+                             else f"{value} is too large (at most {bound})")
+        if value < -bound:
+            raise ValueError(f"{value} is too small (at least {-bound:g})")
+        return value
 
 
 @dataclass(frozen=True)
@@ -52,6 +78,19 @@ class Tuner(nn.Module):
     @classmethod
     def build(cls, args: TunerArgs, site: SiteInfo) -> "Tuner":
         raise NotImplementedError
+
+    @classmethod
+    def check_site(cls, args: TunerArgs, site: SiteInfo) -> None:
+        """Raise ValueError when ``args`` cannot sensibly tune ``site``: a rank (:data:`RANKED`)
+        above the narrower side of a linear site, where it only adds parameters."""
+        field = RANKED.get(cls.name)
+        rank = getattr(args, field, None) if field else None
+        if rank is None or site.extras.get("conv") is not None:
+            return
+        width = min(site.in_features, site.out_features)
+        if rank > width:
+            raise ValueError(f"{field}={rank} is larger than the site's width ({site.in_features} -> "
+                             f"{site.out_features}); a rank of at most {width} spans every update here")
 
     @classmethod
     def mergeable_with(cls, args: TunerArgs, placement: str) -> bool:

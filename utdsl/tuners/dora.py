@@ -33,6 +33,7 @@ class DoRA(LoRA):
     Args = DoRAArgs
     summary = "DoRA: magnitude m times the direction of W + (alpha/r) B A; identity at init"
     needs_weight_init = True
+    linear_form = None     # the row norms of W + s B A need W' itself
 
     def __init__(self, shape: tuple[int, ...], args: DoRAArgs):
         super().__init__(shape, args)

@@ -76,6 +76,7 @@ class FacTTT(WeightTuner):
     shared = FacTFactors
     summary = "FacT-TT: shared U, V across all weights; per-weight core; V zero at init"
     core = False
+    linear_form = "additive"
 
     def __init__(self, site: SiteInfo, factors: FacTFactors, args: FacTArgs):
         super().__init__()
@@ -105,6 +106,14 @@ class FacTTT(WeightTuner):
         sigma = self.sigma().reshape(self.a, r, self.b, r)
         delta = torch.einsum("pr,arbs,sq->apbq", f.FacTv, sigma, f.FacTu).reshape(weight.shape)
         return weight + cast_like(delta * self.scale, weight)
+
+    def output_delta(self, x: Tensor) -> Tensor:
+        """s x ΔWᵀ as the official code computes it: U on each d-wide chunk of x, the core, V on
+        each d-wide chunk of the result."""
+        f, r = self._shared, self.r
+        h = (x.unflatten(-1, (self.b, f.width)) @ f.FacTu.T.to(x.dtype)).flatten(-2)   # (..., b·r)
+        h = h @ self.sigma().T.to(x.dtype)                                              # (..., a·r)
+        return (h.unflatten(-1, (self.a, r)) @ f.FacTv.T.to(x.dtype)).flatten(-2) * self.scale
 
 
 class FacTTK(FacTTT):

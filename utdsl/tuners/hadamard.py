@@ -25,6 +25,7 @@ class Hadamard(LoRA):
     name = "hadamard"
     Args = HadamardArgs
     summary = "multiplicative update W ⊙ (1 + (alpha/r) B A), B zero at init; merges exactly"
+    linear_form = None     # multiplicative: W' - W depends on W
 
     def forward(self, weight: Tensor) -> Tensor:
         return weight * (1 + self.delta(weight))

@@ -10,6 +10,7 @@ is not offered; the activation-space ``lowrank`` keeps it.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -31,6 +32,7 @@ class LoRA(WeightTuner):
     name = "lora"
     Args = LoRAArgs
     summary = "LoRA on the weight: W + (alpha/r) B A, B zero at init; merges exactly"
+    linear_form = "additive"
 
     def __init__(self, shape: tuple[int, ...], args: LoRAArgs):
         super().__init__()
@@ -50,3 +52,7 @@ class LoRA(WeightTuner):
 
     def forward(self, weight: Tensor) -> Tensor:
         return weight + self.delta(weight)
+
+    def output_delta(self, x: Tensor) -> Tensor:
+        """(alpha / r) x Aᵀ Bᵀ: peft's ``lora_B(lora_A(x)) * scaling``."""
+        return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling

@@ -83,6 +83,25 @@ class LowRank(Tuner):
             column += rank
         return nn.functional.linear(nn.functional.linear(x, down), up)
 
+    @staticmethod
+    def add_into_(units: list["LowRank"], indices: tuple[int, ...] | None, count: int,
+                  x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """h += the units' update, in place, chunk by chunk (``indices`` None: one unit, all of h):
+        one x A^T for every unit's A stacked, then an ``addmm_`` of each chunk's B into its slice
+        of h. For inference only (no autograd, no dropout); returns h."""
+        h2 = h.view(-1, h.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).to(h.dtype)
+        down = units[0].down.weight if len(units) == 1 else torch.cat([u.down.weight for u in units])
+        a = x2 @ down.to(h.dtype).t()
+        size = h.shape[-1] // count
+        column = 0
+        for index, unit in zip(indices if indices is not None else (0,), units):
+            rank = unit.down.out_features
+            h2[:, index * size:(index + 1) * size].addmm_(a[:, column:column + rank],
+                                                           unit.up.weight.to(h.dtype).t(), alpha=unit.scaling)
+            column += rank
+        return h
+
     def merge_delta(self) -> torch.Tensor:
         """ΔW (out, in) to add to the tuned linear's weight."""
         return (self.up.weight @ self.down.weight) * self.scaling

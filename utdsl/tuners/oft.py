@@ -21,6 +21,7 @@ A conv weight is rotated over its flattened (in/groups · kh · kw) columns. pef
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
@@ -71,6 +72,7 @@ class OFT(WeightTuner):
     name = "oft"
     Args = OFTArgs
     summary = "OFT: W R^T, R block-diagonal orthogonal (Cayley of a skew Q), Q zero at init"
+    linear_form = "linear"
 
     def __init__(self, shape: tuple[int, ...], args: OFTArgs):
         super().__init__()
@@ -102,3 +104,13 @@ class OFT(WeightTuner):
         rotation = self.rotation().to(weight.dtype)
         blocks = weight.reshape(weight.shape[0], self.blocks, self.block_size)
         return torch.einsum("orc,rkc->ork", blocks, rotation).reshape(weight.shape)
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """F.linear(x R, W, b): each b-wide block of x times its R_i, as peft's
+        ``OFTRotationModule.forward``; W' is never formed."""
+        if weight.dim() != 2:
+            return F.linear(x, self(weight), bias)
+        rotation = self.rotation().to(x.dtype)
+        blocks = x.unflatten(-1, (self.blocks, self.block_size))               # (..., n, b)
+        rotated = torch.einsum("...rk,rkc->...rc", blocks, rotation).flatten(-2)
+        return F.linear(rotated, weight, bias)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -53,6 +54,7 @@ class VeRA(WeightTuner):
     Args = VeRAArgs
     shared = VeraProjections
     summary = "VeRA: shared frozen random B, A; trained scaling vectors b, d; b zero at init"
+    linear_form = "additive"
 
     def __init__(self, shape: tuple[int, ...], projections: VeraProjections, args: VeRAArgs):
         super().__init__()
@@ -80,3 +82,10 @@ class VeRA(WeightTuner):
         a = self._shared.vera_A[:, :columns] * self.vera_lambda_d.unsqueeze(-1)
         b = self._shared.vera_B[:rows] * self.vera_lambda_b.unsqueeze(-1)
         return weight + cast_like((b @ a).view(weight.shape), weight)
+
+    def output_delta(self, x: Tensor) -> Tensor:
+        """b ⊙ ((d ⊙ x Aᵀ) Bᵀ), as peft's ``vera.layer.Linear.forward``."""
+        rows, columns = self.vera_lambda_b.shape[0], x.shape[-1]
+        a = self._shared.vera_A[:, :columns].to(x.dtype)
+        b = self._shared.vera_B[:rows].to(x.dtype)
+        return F.linear(F.linear(x, a) * self.vera_lambda_d.to(x.dtype), b) * self.vera_lambda_b.to(x.dtype)

@@ -10,13 +10,22 @@ A tuner with state shared by every site of one declaration (VeRA's random projec
 factors) sets ``shared`` to that state's class and builds it once in :meth:`WeightTuner.build_shared`;
 each unit keeps it as an *unregistered* attribute ``_shared`` so its parameters are counted, saved
 and optimised once, under the module the placement registers it as.
+
+Activation form: where a linear's weight is read by that one call alone, ``F.linear(x, f(W), b)``
+would keep W' for the backward and pay the dense weight-gradient GEMM dL/dW' = dyᵀx. A tuner that
+can compute the call's output without forming W' sets ``linear_form`` and the placement calls it
+instead (:func:`utdsl.placements.weight.lower_linear_calls`): ``"additive"`` tuners give the
+output delta ``F.linear(x, f(W)) - F.linear(x, W)`` of ``output_delta(x)`` (LoRA, VeRA, FacT, as
+peft's LoRA layers), ``"linear"`` tuners give the whole call ``linear(x, W, b)`` (OFT rotates x).
+Both equal ``F.linear(x, f(W), b)`` up to rounding; merge and export see the weight form again.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, Literal
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import SiteInfo, Tuner, TunerArgs
@@ -51,6 +60,8 @@ class WeightTuner(Tuner):
     #: True when the paper's init reads W (DoRA's magnitude): the placement calls
     #: :meth:`init_from_weight` once with the site's weight right after :meth:`build`
     needs_weight_init: ClassVar[bool] = False
+    #: how a linear call's output is computed without W' (module docstring), or None: W' only
+    linear_form: ClassVar[Literal["additive", "linear"] | None] = None
 
     @classmethod
     def build(cls, args: TunerArgs, site: SiteInfo, shared: nn.Module | None = None) -> "WeightTuner":
@@ -67,6 +78,16 @@ class WeightTuner(Tuner):
 
     def forward(self, weight: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def output_delta(self, x: Tensor) -> Tensor:
+        """``F.linear(x, f(W)) - F.linear(x, W)`` for an ``"additive"`` tuner (f(W) - W independent of W)."""
+        raise NotImplementedError
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``F.linear(x, f(weight), bias)``, in the tuner's activation form where it has one."""
+        if self.linear_form == "additive":
+            return F.linear(x, weight, bias) + self.output_delta(x).to(x.dtype)
+        return F.linear(x, self(weight), bias)
 
     def merge_delta(self):
         raise NotImplementedError(f"{self.name} is merged as W := f(W); call the unit on the weight")

@@ -1,0 +1,1 @@
+"""utdsl bench: the VTAB-1k / FGVC research protocol."""
