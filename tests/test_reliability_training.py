@@ -58,6 +58,59 @@ def test_skip_policy_skips_nonfinite_steps_and_keeps_best_finite(tmp_path, cli):
         assert not (out / "checkpoints" / "best.safetensors").exists()
 
 
+def _epoch_of(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata()["run.epoch"]
+
+
+@pytest.fixture
+def nan_second_evaluation(monkeypatch):
+    """The second evaluation of a run has all-NaN logits on a split of one class: ``topk`` then
+    picks a fixed class, so its top-1 could read 100 %."""
+    from utdsl.runtime import train as train_module
+    from utdsl.runtime.evaluate import EvalResult
+
+    real, calls = train_module.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:
+            return EvalResult(loss=float("nan"), top1=100.0, top5=100.0, samples=360, throughput=1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_a_nonfinite_evaluation_never_replaces_best(tmp_path, cli, nan_second_evaluation, policy):
+    out = tmp_path / "run"
+    code, text, err = cli("train", "lora", *MICRO, "--epochs", "2", "--batch-size", "256",
+                          "-o", f"nonfinite={policy}", "--out", str(out))
+    checkpoints = out / "checkpoints"
+    epochs = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if row["kind"] == "epoch"]
+    assert _epoch_of(checkpoints / "best.safetensors") == "0"
+    if policy == "error":
+        assert code == 2
+        assert ("error: epoch 2: the evaluation loss is nan (the model's outputs are not finite); nothing of "
+                "this epoch was saved") in err
+        assert [row["epoch"] for row in epochs] == [0] and _epoch_of(checkpoints / "last.safetensors") == "0"
+    else:
+        assert code == 0, err
+        assert [row["epoch"] for row in epochs] == [0, 1] and epochs[1]["top1"] == 100.0
+        assert _epoch_of(checkpoints / "last.safetensors") == "1"
+        assert f"best {epochs[0]['top1']:.2f}% (epoch 1)" in text
+
+
+def test_nonfinite_logits_never_count_as_correct():
+    from utdsl.runtime.evaluate import topk_correct
+
+    logits = torch.tensor([[float("nan")] * 3, [1.0, 2.0, float("inf")], [3.0, 2.0, 1.0]])
+    assert topk_correct(logits, torch.tensor([0, 2, 0])) == [1, 1]
+
+
 def test_nonfinite_tensor_in_a_checkpoint_is_refused_on_load(tmp_path):
     import utdsl
     from .conftest import tiny_vit
@@ -88,9 +141,38 @@ def _wait_for(path: Path, text: str, process: subprocess.Popen, seconds: float =
     raise AssertionError(f"no '{text}' in {path}")
 
 
+def test_ctrl_c_stops_at_the_step_exits_130_and_saves_the_state(tmp_path, cli):
+    import threading
+
+    out = tmp_path / "run"
+    metrics = out / "metrics.jsonl"
+
+    def interrupt() -> None:  # SIGINT to this process once the first step is logged
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (metrics.is_file() and '"kind": "step"' in metrics.read_text()):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    watcher = threading.Thread(target=interrupt, daemon=True)
+    watcher.start()
+    code, _, err = cli("train", "lora", *MICRO, "--epochs", "1", "--batch-size", "64", "-o", "log_every=1",
+                       "--out", str(out))
+    watcher.join()
+    assert code == 130, err
+    assert "interrupt: stopping after this step (Ctrl-C again to stop at once)" in err
+    assert "error: interrupted at step " in err and f"resume with utdsl train --resume {out}" in err
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert 1 <= steps[-1] < 20  # 1257 / 64 -> 20 steps: it stopped inside the epoch
+    assert (out / "checkpoints" / "state.safetensors").is_file()
+    code, text, err = cli("train", "--resume", str(out), "--num-workers", "0", "--no-progress")
+    assert code == 0, err
+    assert "1 epochs, 20 steps" in text
+
+
+@pytest.mark.slow  # two processes that import torch and train: about 40 s on 2 cores
 def test_ctrl_c_exits_130_saves_state_and_resumes(tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen([*UTDSL, "train", "lora", *MICRO, "--epochs", "2", "--batch-size", "8",
+    process = subprocess.Popen([*UTDSL, "train", "lora", *MICRO, "--epochs", "1", "--batch-size", "32",
                                 "-o", "log_every=1", "--out", str(out)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     _wait_for(out / "metrics.jsonl", '"kind": "step"', process)
@@ -103,7 +185,7 @@ def test_ctrl_c_exits_130_saves_state_and_resumes(tmp_path):
     done = subprocess.run([*UTDSL, "train", "--resume", str(out), "--num-workers", "0", "--no-progress"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "2 epochs, 316 steps" in done.stdout  # 1257 / 8 -> 158 steps an epoch
+    assert "1 epochs, 40 steps" in done.stdout  # 1257 / 32 -> 40 steps an epoch
 
 
 def test_unwritable_out_parent_fails_before_training(tmp_path, cli):
@@ -123,8 +205,12 @@ def test_checkpoints_path_taken_by_a_file_fails_on_resume_before_training(tmp_pa
     assert code == 2 and f"error: cannot write the run directory '{out / 'checkpoints'}'" in err
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                    reason="drops to user nobody to meet a read-only directory (root ignores modes)")
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                               reason="drops to user nobody to meet a read-only directory (root ignores modes)")
+
+
+@ROOT_ONLY
 def test_read_only_run_directory_fails_before_the_first_epoch():
     import tempfile
 
@@ -135,13 +221,35 @@ def test_read_only_run_directory_fails_before_the_first_epoch():
         os.chmod(top, 0o755)
         os.chmod(place, 0o555)
         env = {**os.environ, "HOME": str(place)}
-        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *UTDSL, "train",
+        done = subprocess.run([*AS_NOBODY, *UTDSL, "train",
                                "lora", *MICRO, "--epochs", "1", "--out", str(place / "run")],
                               capture_output=True, text=True, timeout=300, env=env, cwd=str(Path.cwd()))
     finally:
         shutil.rmtree(top)
     assert done.returncode == 2, done.stderr
     assert f"cannot write the run directory '{place / 'run'}': Permission denied ('{place}')" in done.stderr
+
+
+@ROOT_ONLY
+def test_read_only_checkpoints_fail_on_resume_before_training(cli):
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="utdsl-ro-", dir="/tmp"))
+    try:
+        run = top / "run"
+        assert cli("train", "lora", *MICRO, "--epochs", "1", "--batch-size", "256", "--out", str(run))[0] == 0
+        for path in (top, *top.rglob("*")):
+            os.chown(path, 65534, 65534)
+        os.chmod(top, 0o755)
+        os.chmod(run / "checkpoints", 0o555)
+        done = subprocess.run([*AS_NOBODY, *UTDSL, "train", "--resume", str(run), "--num-workers", "0",
+                               "--no-progress"], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "HOME": str(top)}, cwd=str(Path.cwd()))
+    finally:
+        shutil.rmtree(top)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: cannot write the run directory '{run / 'checkpoints'}': "
+                                  "Permission denied"), done.stderr
 
 
 @pytest.fixture

