@@ -4,11 +4,18 @@ linear probe, PEFT LoRA and the physical limit, all interleaved in one process.
     .venv/bin/python benchmarks/train_step.py --threads 1              # CPU: vit_s16, fp32, batch 8
     .venv/bin/python benchmarks/train_step.py --model vit_b16 --device cuda --precision bf16 --batch-size 64
 
-Variants: ``limit`` (every weight frozen, the batch requires grad: the frozen forward and the
-activation-only backward that any method tuning every block pays), ``full``, ``linear`` (the head
+Variants: ``limit`` (every weight frozen but the head, the patch embedding's output requiring grad:
+the frozen forward and the activation-only backward down to the first block that any method
+tuning every block pays; a model without ``patch_embed`` takes the gradient of the batch instead), ``full``, ``linear`` (the head
 only), ``lora_qkv`` (utdsl ``attn.qkv -> parallel lowrank(r, alpha)`` + ``train head``),
 ``peft_lora`` (PEFT ``LoraConfig`` with the same r, alpha and target ``qkv``; left out without
-``peft``), and each library spec of ``--specs``.
+``peft``), and each library spec of ``--specs`` (``restuning_bypass``: the side chain, whose step
+runs no backward through the backbone: ``--specs lora restuning_bypass`` compares it with LoRA).
+
+``SPEC+compile`` (for each of ``--compiled``, default lora, ssf, ia3) is the spec's model through
+``torch.compile`` (default mode), as ``utdsl train --compile`` runs it; ``compile s`` is its cold
+compile, the wall time of its first step (forward and backward compiled; inductor compiles in
+worker processes, so process CPU time would miss it).
 
 Every variant is built once; then ``--repeats`` rounds run one step of each, in a rotated order,
 so that a busy machine slows all alike. A step is forward, cross-entropy, backward and an AdamW
@@ -28,9 +35,13 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import inference_call, interleaved, limit_model, saved_mib, spread, training_step  # noqa: E402
 
 FIXED = ("limit", "full", "linear", "lora_qkv", "peft_lora")
-DEFAULT_SPECS = ("lora", "adapter", "adaptformer", "bitfit", "ssf", "ia3")
+DEFAULT_SPECS = ("lora", "adapter", "adaptformer", "bitfit", "ssf", "ia3", "restuning_bypass")
 
 
 def build(variant: str, args, num_classes: int):
@@ -41,7 +52,10 @@ def build(variant: str, args, num_classes: int):
 
     torch.manual_seed(0)
     base = create_model(args.model, num_classes=num_classes)
-    if variant in ("full", "limit", "linear"):
+    if variant == "limit":
+        base.utdsl_input_grad = not limit_model(base)
+        return base
+    if variant in ("full", "linear"):
         for name, p in base.named_parameters():
             p.requires_grad_(variant == "full" or (variant == "linear" and name.startswith("head")))
         return base
@@ -54,6 +68,8 @@ def build(variant: str, args, num_classes: int):
             if name.endswith(("head.weight", "head.bias")):
                 p.requires_grad_(True)
         return model
+    if variant.endswith("+compile"):
+        return torch.compile(build(variant[:-len("+compile")], args, num_classes))
     spec = (f'spec lora_qkv "LoRA on the whole fused qkv, as PEFT applies it"\n'
             f"attn.qkv -> parallel lowrank(r={args.r}, alpha={args.alpha})\ntrain head\n"
             if variant == "lora_qkv" else variant)
@@ -63,64 +79,13 @@ def build(variant: str, args, num_classes: int):
 
 def train_step(model, variant: str, args, device, images, labels):
     """A closure running one training step of ``model`` (the limit: no optimizer, input grad only)."""
-    import torch
-    from utdsl.runtime.evaluate import autocast_for
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    inputs = images.clone().requires_grad_(True) if variant == "limit" else images
-
-    def step() -> None:
-        with autocast_for(device, args.precision):
-            logits = model(inputs)
-        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        inputs.grad = None
-
-    model.train()
-    return step, sum(p.numel() for p in params), inputs
+    return training_step(model, device, images, labels, args.precision,
+                         input_grad=getattr(model, "utdsl_input_grad", False))
 
 
-def saved_mib(model, step, images) -> float:
-    """MiB of the distinct storages autograd saves in one step (parameters, buffers, batch excluded)."""
-    import torch
-
-    frozen = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), images]}
-    seen: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in frozen:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        step()
-    return sum(seen.values()) / 2**20
-
-
-def interleaved(fns: dict, warmup: int, repeats: int, sync, cpu_clock: bool) -> dict[str, list[float]]:
-    """Milliseconds of each call, ``repeats`` rounds of one call each, order rotated per round."""
-    names = list(fns)
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync()
-    clock = time.process_time if cpu_clock else time.perf_counter
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(repeats):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            start = clock()
-            fns[name]()
-            sync()
-            times[name].append((clock() - start) * 1000)
-    return times
-
-
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+def _clocked(times: dict, cpu_clock: bool) -> dict[str, list[float]]:
+    """One clock of :func:`common.interleaved`'s times: process CPU time, or wall time (CUDA)."""
+    return {name: t["cpu" if cpu_clock else "wall"] for name, t in times.items()}
 
 
 def ratios(times: dict, name: str, reference: str) -> dict | None:
@@ -131,27 +96,19 @@ def ratios(times: dict, name: str, reference: str) -> dict | None:
 
 def inference(models: dict, args, device, images, sync, cpu_clock: bool) -> dict[str, dict]:
     """Per spec: unmerged and merged inference as a ratio of the base model's, interleaved."""
-    import torch
     import utdsl
-    from utdsl.runtime.evaluate import autocast_for
 
     def forward(model):
-        model.eval()
-
-        @torch.no_grad()
-        def run():
-            with autocast_for(device, args.precision):
-                return model(images)
-        return run
+        return inference_call(model, device, images, args.precision)
 
     fns = {"base": forward(build("full", args, 100).to(device))}
     for name, model in models.items():
-        if not hasattr(model, "meta") or "utdsl" not in model.meta:
+        if name.endswith("+compile") or not hasattr(model, "meta") or "utdsl" not in model.meta:
             continue
         fns[name] = forward(model)
         if any(i.mergeable for i in model.meta["utdsl"].plan.insertions):
             fns[name + "/merged"] = forward(utdsl.merge(model))
-    times = interleaved(fns, args.warmup, args.repeats, sync, cpu_clock)
+    times = _clocked(interleaved(fns, args.warmup, args.repeats, sync), cpu_clock)
     return {name: ratios(times, name, "base") for name in fns if name != "base"}
 
 
@@ -166,14 +123,18 @@ def measure(args) -> dict:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=generator).to(device)
     labels = torch.randint(0, 100, (args.batch_size,), generator=generator).to(device)
-    variants = [v for v in FIXED if v != "peft_lora" or _has_peft()] + list(args.specs)
+    variants = [v for v in FIXED if v != "peft_lora" or _has_peft()] + list(args.specs) + [
+        f"{spec}+compile" for spec in args.compiled]
     models, steps, rows = {}, {}, {}
     for variant in variants:
         models[variant] = build(variant, args, 100).to(device)
         step, trainable, inputs = train_step(models[variant], variant, args, device, images, labels)
         steps[variant] = step
         row = rows[variant] = {"trainable": trainable}
+        start = time.perf_counter()
         step()                                     # optimizer state exists before memory is read
+        if variant.endswith("+compile"):
+            row["compile_s"] = time.perf_counter() - start
         row["saved_mib"] = saved_mib(models[variant], step, inputs)
         if cuda:
             torch.cuda.synchronize()
@@ -182,7 +143,7 @@ def measure(args) -> dict:
             step()
             row["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
         print(f"  built {variant}", file=sys.stderr, flush=True)
-    times = interleaved(steps, args.warmup, args.repeats, sync, cpu_clock=not cuda)
+    times = _clocked(interleaved(steps, args.warmup, args.repeats, sync), cpu_clock=not cuda)
     for variant in variants:
         rows[variant]["step_ms"] = spread(times[variant])
         rows[variant]["vs_limit"] = ratios(times, variant, "limit") if variant != "limit" else None
@@ -209,19 +170,25 @@ def _r(value: dict | None) -> str:
 def report(result: dict) -> str:
     args, rows = result["args"], result["rows"]
     limit = rows["limit"]["saved_mib"]
+    lora = rows.get("lora", {}).get("saved_mib")
+    peaks = "peak_mib" in rows["limit"]
     clock = "wall" if args["device"].startswith("cuda") else "process CPU"
     lines = [f"{args['model']}, batch {args['batch_size']}, {args['input_size']}px, {args['device']}, "
              f"{args['precision']}, threads {args['threads'] or 'default'}; {clock} time, median (min-max) of "
              f"{args['repeats']} interleaved rounds after {args['warmup']}", "",
              "| variant | trainable | step ms | step vs limit | step vs full | saved MiB | saved vs limit "
-             + ("| peak MiB " if "peak_mib" in rows["limit"] else "") + "| infer vs base | merged infer vs base |",
-             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if "peak_mib" in rows["limit"] else "") + "---:|---:|"]
+             "| saved vs lora " + ("| peak MiB " if peaks else "") + "| compile s | infer vs base "
+             "| merged infer vs base |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if peaks else "") + "---:|---:|---:|"]
     for name, row in rows.items():
         step = row["step_ms"]
         peak = f"| {row['peak_mib']:.0f} " if "peak_mib" in row else ""
+        versus = f"{row['saved_mib'] / lora:.2f}x" if lora else "-"
+        compiled = f"{row['compile_s']:.0f}" if "compile_s" in row else "-"
         lines.append(f"| {name} | {row['trainable']:,} | {step['median']:.0f} ({step['min']:.0f}-{step['max']:.0f}) "
                      f"| {_r(row['vs_limit'])} | {_r(row['vs_full'])} | {row['saved_mib']:.0f} "
-                     f"| {row['saved_mib'] / limit:.2f}x {peak}| {_r(row.get('infer'))} | {_r(row.get('merged_infer'))} |")
+                     f"| {row['saved_mib'] / limit:.2f}x | {versus} {peak}| {compiled} | {_r(row.get('infer'))} "
+                     f"| {_r(row.get('merged_infer'))} |")
     return "\n".join(lines)
 
 
@@ -229,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_s16")
     parser.add_argument("--specs", nargs="*", default=list(DEFAULT_SPECS), help="library specs or .ut files")
+    parser.add_argument("--compiled", nargs="*", default=["lora", "ssf", "ia3"],
+                        help="specs also run through torch.compile (none: --compiled)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=7)

@@ -33,7 +33,7 @@ per-repeat ratio, with its min-max spread. Memory: ``saved MiB`` is what autogra
 backward (tensors kept from the forward, distinct storages, parameters, buffers and the batch
 excluded: activations plus any materialised W' = f(W)), measured in-process and deterministic;
 ``peak MiB`` is the peak resident set above the model and batch over warm-up and steps, each
-variant in its own process (``train_step.Memory``; skip with ``--no-rss``). Merged inference is an
+variant in its own process (``common.Memory``; skip with ``--no-rss``). Merged inference is an
 eval forward of ``utdsl.merge(model)`` and of PEFT's ``merge_and_unload()`` against the base model,
 interleaved the same way; the target is 1.00x.
 """
@@ -51,7 +51,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import Memory, _forward, _train_step, run_isolated  # noqa: E402  (shared helpers)
+from common import Memory, limit_model, inference_call, interleaved, per_round_ratio, run_isolated, saved_mib, training_step  # noqa: E402
 
 #: method -> (PEFT config class, its arguments, {utdsl unit parameter: peft adapter attribute} or None: same names)
 PEFT_METHODS: dict[str, tuple[str, dict, dict | None]] = {
@@ -108,11 +108,7 @@ def build(variant: str, args):
 
     base = _base(args)
     if variant == "limit":
-        for p in base.parameters():
-            p.requires_grad_(False)
-        base.get_classifier().requires_grad_(True)
-        # the activation gradient reaches the first block: the patch embedding's output requires grad
-        base.patch_embed.register_forward_hook(lambda module, inputs, output: output.detach().requires_grad_(True))
+        limit_model(base)
         return base
     method, kind = variant.split("/")
     if kind == "peft":
@@ -177,50 +173,6 @@ def forward_diff(ours, theirs, images) -> tuple[float, float]:
     return (a - b).abs().max().item(), (b - base).abs().max().item()
 
 
-def saved_mib(model, step, images) -> float:
-    """MiB of the distinct storages autograd saves during one step, parameters, buffers and the batch excluded."""
-    import torch
-
-    frozen = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), images]}
-    seen: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in frozen:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        step()
-    return sum(seen.values()) / 2**20
-
-
-def interleaved(fns: dict, warmup: int, repeats: int) -> dict[str, dict[str, list[float]]]:
-    """CPU and wall seconds of each call, ``repeats`` rounds of one call each, order rotated per round."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times = {name: {"cpu": [], "wall": []} for name in names}
-    gc.collect()
-    for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-            cpu, wall = time.process_time(), time.perf_counter()
-            fns[name]()
-            times[name]["cpu"].append(time.process_time() - cpu)
-            times[name]["wall"].append(time.perf_counter() - wall)
-        print(f"  repeat {repeat + 1}/{repeats} done", file=sys.stderr, flush=True)
-    return times
-
-
-def ratio(times: dict, a: str, b: str, clock: str = "cpu") -> dict | None:
-    """Median and min-max of the per-repeat ratio a / b."""
-    if a not in times or b not in times:
-        return None
-    per = [x / y for x, y in zip(times[a][clock], times[b][clock])]
-    return {"median": statistics.median(per), "min": min(per), "max": max(per)}
-
-
 def _inputs(args):
     import torch
 
@@ -243,7 +195,7 @@ def rss_worker(variant: str, args) -> dict:
     device = _setup_torch(args)
     images, labels = _inputs(args)
     model = build(variant, args)
-    step, _ = _train_step(model, SimpleNamespace(precision="fp32"), device, images, labels)
+    step, _, _ = training_step(model, device, images, labels)
     memory = Memory(device)
     memory.start()
     for _ in range(args.warmup + 2):
@@ -252,7 +204,7 @@ def rss_worker(variant: str, args) -> dict:
 
 
 def rss_isolated(variant: str, argv: list[str]) -> dict:
-    return run_isolated(variant, argv, script=__file__)
+    return run_isolated(variant, argv, __file__)
 
 
 def measure(args, argv: list[str]) -> dict:
@@ -279,25 +231,25 @@ def measure(args, argv: list[str]) -> dict:
                   f"trainable {rows[f'{method}/utdsl']['trainable']:,} vs {rows[f'{method}/peft']['trainable']:,}",
                   file=sys.stderr, flush=True)
     for variant in variants:
-        steps[variant], _ = _train_step(models[variant], SimpleNamespace(precision="fp32"), device, images, labels)
+        steps[variant], _, _ = training_step(models[variant], device, images, labels)
         rows[variant]["saved_mib"] = saved_mib(models[variant], steps[variant], images)
     print(f"timing {len(variants)} train steps x {args.repeats} repeats", file=sys.stderr, flush=True)
-    step_times = interleaved(steps, args.warmup, args.repeats)
+    step_times = interleaved(steps, args.warmup, args.repeats, progress=True)
     for variant, t in step_times.items():
-        rows[variant].update(step_ms=statistics.median(t["cpu"]) * 1000, step_ms_min=min(t["cpu"]) * 1000,
-                             step_ms_max=max(t["cpu"]) * 1000, step_wall_ms=statistics.median(t["wall"]) * 1000,
+        rows[variant].update(step_ms=statistics.median(t["cpu"]), step_ms_min=min(t["cpu"]),
+                             step_ms_max=max(t["cpu"]), step_wall_ms=statistics.median(t["wall"]),
                              step_times_cpu=t["cpu"], step_times_wall=t["wall"])
         method, _, kind = variant.partition("/")
         reference = f"{method}/peft" if method in PEFT_METHODS else f"{REFERENCE}/spec" if method in NO_PEFT else None
         if reference and reference != variant:
-            rows[variant]["step_vs_ref"] = ratio(step_times, variant, reference)
-            rows[variant]["step_vs_ref_wall"] = ratio(step_times, variant, reference, "wall")
+            rows[variant]["step_vs_ref"] = per_round_ratio(step_times, variant, reference)
+            rows[variant]["step_vs_ref_wall"] = per_round_ratio(step_times, variant, reference, "wall")
             rows[variant]["reference"] = reference
         if variant != "limit":
-            rows[variant]["step_vs_limit"] = ratio(step_times, variant, "limit")
+            rows[variant]["step_vs_limit"] = per_round_ratio(step_times, variant, "limit")
     # merged inference against the base model, interleaved
     del steps
-    merged = {"base": _forward(_base(args).requires_grad_(False), SimpleNamespace(precision="fp32"), device, images)}
+    merged = {"base": inference_call(_base(args).requires_grad_(False), device, images)}
     for variant in variants:
         model = models.pop(variant)
         model.zero_grad(set_to_none=True)
@@ -306,15 +258,15 @@ def measure(args, argv: list[str]) -> dict:
         elif variant != "limit" and any(i.mergeable for i in model.meta["utdsl"].plan.insertions):
             merged[variant] = utdsl.merge(model)
         if variant in merged:
-            merged[variant] = _forward(merged[variant], SimpleNamespace(precision="fp32"), device, images)
+            merged[variant] = inference_call(merged[variant], device, images)
         del model
     gc.collect()
     print(f"timing {len(merged)} merged inference forwards x {args.repeats} repeats", file=sys.stderr, flush=True)
-    infer_times = interleaved(merged, args.warmup, args.repeats)
-    base_ms = statistics.median(infer_times["base"]["cpu"]) * 1000
+    infer_times = interleaved(merged, args.warmup, args.repeats, progress=True)
+    base_ms = statistics.median(infer_times["base"]["cpu"])
     for variant in merged:
         if variant != "base":
-            rows[variant]["merged_vs_base"] = ratio(infer_times, variant, "base")
+            rows[variant]["merged_vs_base"] = per_round_ratio(infer_times, variant, "base")
     if args.rss:
         for variant in variants:
             result = rss_isolated(variant, argv)

@@ -4,15 +4,19 @@
          --plan(shapes)--> Plan --rewrite--> GraphModule --(verify)--> Report
 
 The model is traced in train mode and in eval mode (fx bakes ``self.training`` branches such as
-DropPath in at trace time); the plan is made on the eval graph and rewritten into each distinct
-graph with the same tuner instances, and the result is a :class:`~utdsl.modes.ModalGraphModule`
+DropPath in at trace time; once when the two are the same, see :func:`~utdsl.modes.trace_modes`);
+the plan is made on the eval graph and rewritten into each distinct graph with the same tuner
+instances, and the result is a :class:`~utdsl.modes.ModalGraphModule`
 whose ``train()``/``eval()`` select the graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -86,8 +90,38 @@ def _structural_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose parameters are new ``Parameter`` objects over the same storage:
     nothing done to the copy's flags reaches ``model``, and no weight is copied. Buffers are
     copied; parameters that will train are given storage of their own by :func:`_own_storage`."""
-    memo = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
-    return copy.deepcopy(model, memo)
+    memo: dict = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
+    return _copy_module(model, memo)
+
+
+_EMPTY_COPIES = {dict: dict, OrderedDict: OrderedDict, set: set}
+
+
+def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy(module, memo)``, as deepcopy rebuilds a module (a new object of its class,
+    its ``__dict__`` deep-copied), but with the dozen empty hook dictionaries of every module made
+    anew rather than through deepcopy's machinery: half the time of a deep model's copy. Modules
+    that customise copying or pickling get ``copy.deepcopy`` itself."""
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    if getattr(cls, "__deepcopy__", None) is not None or cls.__reduce_ex__ is not object.__reduce_ex__ \
+            or cls.__getstate__ is not nn.Module.__getstate__ or cls.__setstate__ is not nn.Module.__setstate__:
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state = {}
+    for key, value in module.__dict__.items():
+        if key == "_compiled_call_impl":      # as nn.Module.__getstate__ leaves it out
+            continue
+        if key == "_modules":
+            state[key] = {name: None if child is None else _copy_module(child, memo) for name, child in value.items()}
+        elif type(value) in _EMPTY_COPIES and not value:
+            state[key] = _EMPTY_COPIES[type(value)]()
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__setstate__(state)
+    return new
 
 
 def _own_storage(gm: nn.Module, names: set[str]) -> None:
@@ -118,13 +152,33 @@ def compile(spec: Spec | str | os.PathLike, model: nn.Module, example_input: tor
     the model's configured input size) only sizes the tuners: no real forward runs. The result
     starts in ``model``'s mode and behaves as ``model`` does in each mode (dropout, DropPath).
     """
+    with _collector_paused():
+        return _compile(spec, model, example_input, inplace, model_name, overrides)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cycle collector off for the length of a compile: tracing a deep model allocates
+    fx nodes by the thousand, and each full collection walks every object of the model and its
+    graphs (a tenth of a ViT-g compile). What a compile leaves behind is collected afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _compile(spec, model: nn.Module, example_input, inplace: bool, model_name: str | None,
+             overrides) -> ModalGraphModule:
     spec = _as_checked_spec(spec, overrides)
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
     base = backends.prepare(model if inplace else _structural_copy(model))
     bindings = resolve(spec, base)
     example = example_input if example_input is not None else default_example_input(base)
-    gm = trace_modes(base, example)
+    gm = trace_modes(base, example, codegen=False)     # rewrite generates the code
     if not backends.fixed_token_count(gm) and _sites_in_opaque_blocks(gm, base, bindings):
         gm = _export_or_keep(base, example, gm)
     namespace = _namespace(base)
@@ -141,6 +195,8 @@ def compile(spec: Spec | str | os.PathLike, model: nn.Module, example_input: tor
     for name, p in gm.named_parameters():
         p.requires_grad_(name.startswith(namespace + ".") or name in trained)
     gm.meta["utdsl"] = CompiledInfo(spec, the_plan, model_name or model_name_of(model), namespace)
+    gm.select_graph(model.training)
+    gm.generate_code()
     gm.train(model.training)
     return gm
 
@@ -161,7 +217,7 @@ def _export_or_keep(base: nn.Module, example: torch.Tensor, traced: ModalGraphMo
     e.g. MobileViT's): trace by torch.export, which records every module's operations. If export
     fails too, keep the symbolic trace; ``plan`` then names the enclosing module."""
     try:
-        return trace_modes(base, example, route="export")
+        return trace_modes(base, example, route="export", codegen=False)
     except ModelError:
         return traced
 

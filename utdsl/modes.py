@@ -28,23 +28,43 @@ from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, _format_import_bl
 from torch.package import sys_importer
 
 from .backends import finish_module, has_attr_path
-from .trace import copy_model_attrs, trace_graph
+from .same_modes import TrainingReads, same_graph, same_in_both_modes
+from .trace import BackboneTracer, copy_model_attrs, trace_graph
 
-__all__ = ["ModalGraphModule", "trace_modes"]
+__all__ = ["ModalGraphModule", "same_graph", "trace_modes"]
 
 
 class ModalGraphModule(fx.GraphModule):
     """A GraphModule holding a train graph and an eval graph; ``train(mode)`` selects one."""
 
-    def __init__(self, root: nn.Module, graphs: Mapping[bool, fx.Graph], class_name: str = "GraphModule"):
+    def __init__(self, root: nn.Module, graphs: Mapping[bool, fx.Graph], class_name: str = "GraphModule",
+                 *, codegen: bool = True):
         graphs = {True: graphs[True], False: graphs[False]}
         active = graphs[bool(getattr(root, "training", True))]
+        if not codegen:     # the caller edits the graph and recompiles: generating code now is wasted
+            self.__dict__["_codegen_deferred"] = True
         super().__init__(root, active, class_name)
         for graph in graphs.values():
             if graph is not active:
                 _copy_targets(root, self, graph)
             graph.owning_module = self
         self._mode_graphs = graphs
+
+    def recompile(self):
+        if self.__dict__.get("_codegen_deferred"):
+            return None
+        code = super().recompile()
+        # keep each graph's forward: switching back to it restores that very function, so a mode
+        # switch costs nothing and torch.compile's cache (keyed by the code object) still holds
+        state = {name: self.__dict__[name] for name in _GENERATED if name in self.__dict__}
+        self.__dict__.setdefault("_generated", {})[id(self._graph)] = (self._graph, type(self).forward, state)
+        return code
+
+    def generate_code(self) -> None:
+        """End a deferral of code generation (``trace_modes(codegen=False)``): generate the active
+        graph's ``forward`` now; from here on every edit and switch of graph generates it again."""
+        if self.__dict__.pop("_codegen_deferred", False):
+            self.recompile()
 
     @property
     def has_mode_graphs(self) -> bool:
@@ -60,10 +80,20 @@ class ModalGraphModule(fx.GraphModule):
         return self
 
     def select_graph(self, mode: bool) -> None:
-        """Make ``mode``'s graph the active one (``self.graph``) without touching ``training``."""
+        """Make ``mode``'s graph the active one (``self.graph``) without touching ``training``:
+        the forward generated for it before, else a new one (``recompile``)."""
         graph = self._mode_graphs[bool(mode)]
-        if graph is not self.graph:
+        if graph is self.graph:
+            return
+        kept = self.__dict__.get("_generated", {}).get(id(graph))
+        if kept is None or kept[0] is not graph or self.__dict__.get("_codegen_deferred"):
             self.graph = graph          # the setter regenerates forward
+            return
+        self._graph = graph
+        graph.owning_module = self
+        _, forward, state = kept
+        type(self).forward = forward
+        self.__dict__.update(state)
 
     def each_graph(self) -> Iterator[fx.Graph]:
         """Make each distinct graph active in turn (the eval graph last) and yield it; the graph of
@@ -82,6 +112,7 @@ class ModalGraphModule(fx.GraphModule):
         # pickle format), and the functions the graphs call stay calls on reload.
         body = self.__dict__.copy()
         del body["_graph"], body["_mode_graphs"]
+        body.pop("_generated", None)        # generated functions: made again on load
         graphs = [self._mode_graphs[True]] + ([self._mode_graphs[False]] if self.has_mode_graphs else [])
         codes = []
         for graph in graphs:
@@ -98,6 +129,10 @@ class ModalGraphModule(fx.GraphModule):
             ModalGraphModule.__init__(copy, root, graphs, type(self).__name__)
 
         return init
+
+
+#: what GraphModule.recompile sets on the module besides ``forward``
+_GENERATED = ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec")
 
 
 def _copy_targets(root: nn.Module, to: nn.Module, graph: fx.Graph) -> None:
@@ -139,27 +174,41 @@ def _restore(body: dict[str, Any], codes: list[str], leaves: tuple[Callable[...,
     return gm
 
 
-def trace_modes(model: nn.Module, example_input=None, route: str = "auto") -> ModalGraphModule:
+def trace_modes(model: nn.Module, example_input=None, route: str = "auto", *,
+                codegen: bool = True) -> ModalGraphModule:
     """Trace ``model`` in train and in eval mode into one :class:`ModalGraphModule` (one graph when
     the traces are the same). ``model``'s mode is restored; the result starts in that mode.
     ``example_input`` is used only by backends that trace on a real input (torch.export);
-    ``route`` is :func:`~utdsl.trace.trace_graph`'s."""
+    ``route`` is :func:`~utdsl.trace.trace_graph`'s. ``codegen=False`` leaves the module without a
+    ``forward``, ``recompile()`` and graph switches doing nothing, until its caller, who edits the
+    graphs, calls :meth:`ModalGraphModule.generate_code` (as ``compile`` does).
+
+    The model is traced once, in eval mode, when the train trace would be the same: a symbolic
+    trace can only differ between the modes where the forward reads some module's ``training``,
+    so the eval trace records which module calls read it (:mod:`utdsl.same_modes`); each of those
+    modules (one per distinct configuration) is traced alone in both modes, on the arguments it
+    got, and when each gives the same graph both ways so does the model (timm's ViT attention reads
+    ``training`` for its dropout probability, which is 0 either way). Otherwise, and on the export
+    route, the model is traced again in train mode and the graphs compared."""
     was_training = model.training
     graphs: dict[bool, fx.Graph] = {}
     try:
-        for mode in (True, False):
-            model.train(mode)
-            graphs[mode] = trace_graph(model, example_input, route)
+        model.train(False)
+        tracer = BackboneTracer()
+        with TrainingReads(tracer, model) as reads:
+            graphs[False] = trace_graph(model, example_input, route, tracer)
+        traced_by_fx = getattr(tracer, "root", None) is model and reads.readers is not None
+        if traced_by_fx and same_in_both_modes(model, reads.readers):
+            graphs[True] = graphs[False]
+        else:
+            model.train(True)
+            graphs[True] = trace_graph(model, example_input, route)
     finally:
         model.train(was_training)
-    if _code(graphs[True]) == _code(graphs[False]):
+    if graphs[True] is not graphs[False] and same_graph(graphs[True], graphs[False]):
         graphs[True] = graphs[was_training]
         graphs[False] = graphs[True]
-    gm = ModalGraphModule(model, graphs, type(model).__name__)
+    gm = ModalGraphModule(model, graphs, type(model).__name__, codegen=codegen)
     copy_model_attrs(model, gm)
     finish_module(gm, graphs[True])
     return gm
-
-
-def _code(graph: fx.Graph) -> str:
-    return graph.python_code(root_module="self").src

@@ -34,6 +34,9 @@ def first_match(selector: Selector, dotted: str,
 
 
 def matches_path(path: Path, parts: tuple[str, ...], roles: Mapping[str, tuple[str, ...]] | None = None) -> bool:
+    last = path.segments[-1] if path.segments else None
+    if isinstance(last, Name) and not last.indices and (not parts or parts[-1] != last.text):
+        return False     # a plain last name matches the path's last segment: most paths fail here
     if path.role is not None:
         bases = [tuple(base.split(".")) for base in (roles or {}).get(path.role, ())]
         return any(parts[:len(base)] == base and len(parts) in _ends(path.segments, parts, len(base))

@@ -7,6 +7,7 @@ Every data set built here yields ``(image, label)`` with ``label`` an ``int`` in
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -64,16 +65,46 @@ class ImageListDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
+        if _tensor_pipeline(self.transform):        # the uint8 path decodes the file's bytes itself
+            image, label = self.uint8_item(index)
+            return self.transform.normalize(image.unsqueeze(0))[0], label
         path, label = self.samples[index]
         try:
             with Image.open(path) as image:
                 image = image.convert("RGB")
         except FileNotFoundError:
-            raise DataError(f"data set '{self.info.spec}': image '{path}' does not exist",
-                            hint=f"image paths are resolved under {self.info.source}") from None
+            raise self._missing(path) from None
         except (UnidentifiedImageError, OSError) as error:
             raise DataError(f"data set '{self.info.spec}': cannot read image '{path}': {error}") from None
         return (self.transform(image) if self.transform else image), label
+
+    def uint8_item(self, index: int, generator=None):
+        """The image as uint8 ``(3, H, W)``, augmented by the transform (a
+        :class:`~.loading.TensorPipeline`) from ``generator`` (None: torch's global one), and
+        its label."""
+        try:
+            return self.transform.uint8(self._bytes(index), generator), self.targets[index]
+        except (RuntimeError, UnidentifiedImageError, OSError) as error:
+            raise DataError(f"data set '{self.info.spec}': cannot read image '{self.samples[index][0]}': "
+                            f"{error}") from None
+
+    def _bytes(self, index: int):
+        from torchvision.io import read_file
+
+        path = self.samples[index][0]
+        if not os.path.isfile(path):
+            raise self._missing(path)
+        return read_file(path)
+
+    def _missing(self, path: str) -> DataError:
+        return DataError(f"data set '{self.info.spec}': image '{path}' does not exist",
+                         hint=f"image paths are resolved under {self.info.source}")
+
+
+def _tensor_pipeline(transform) -> bool:
+    from .loading import TensorPipeline
+
+    return isinstance(transform, TensorPipeline)
 
 
 class ArrayDataset(Dataset):

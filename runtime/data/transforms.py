@@ -4,7 +4,8 @@ Training: ``RandomResizedCrop`` and a horizontal flip, each optional (a recipe t
 data whose geometry carries the label, such as digits); without the crop, training images get the
 evaluation geometry. Evaluation: resize to ``size / crop_pct`` and center-crop to ``size``
 (``crop_pct >= 1`` resizes straight to ``size``, as VTAB protocols do). Both end with
-``ToTensor`` and ``Normalize(mean, std)``.
+``ToTensor`` and ``Normalize(mean, std)``. Training on image files uses the uint8 twin of this
+pipeline (:mod:`.loading`).
 """
 
 from __future__ import annotations
@@ -35,13 +36,21 @@ def build_transforms(input_size: int | Sequence[int], train: bool,
                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None, *,
                      random_crop: bool = True, hflip: bool = True, crop_pct: float = 0.875,
                      interpolation: str = "bicubic",
-                     scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
+                     scale: tuple[float, float] = (0.08, 1.0), tensor: bool = False):
     """The PIL-image -> normalized tensor transform.
 
     ``input_size`` is an int, ``(H, W)`` or ``(C, H, W)``; ``mean``/``std`` default to ImageNet's.
-    ``random_crop`` and ``hflip`` apply to training only.
+    ``random_crop`` and ``hflip`` apply to training only. ``tensor=True`` gives its uint8 twin,
+    a :class:`~.loading.TensorPipeline` (image files decoded by torchvision, normalised where the
+    model runs), the same images within rounding.
     """
     height, width = _size(input_size)
+    if tensor:
+        from .loading import TensorPipeline
+
+        return TensorPipeline((height, width), train, tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD),
+                              random_crop=random_crop, hflip=hflip, crop_pct=crop_pct,
+                              interpolation=interpolation, scale=scale)
     mode = InterpolationMode(interpolation)
     steps: list = []
     if train and random_crop:

@@ -7,6 +7,7 @@
 | prompt | tokens joined to the region's input, removed at its output |
 | prefix | learned keys/values joined to K and V inside the region's attention |
 | weight | W' = U(W) used wherever W is read; merges exactly (W := U(W)) |
+| side | a chain over detached values of the sites, injected at a later module's input (``at``) |
 
 The placement registry: one module per placement, owning its planning step (``analyze``), its
 rewriting step (``insert``) and the modules it inserts; a new placement is a new module with a
@@ -21,6 +22,7 @@ from .parallel import Parallel
 from .prefix import Prefix
 from .prompt import Prompt
 from .sequential import Sequential
+from .side import Side
 from .weight import Weight
 
 __all__ = ["Placement", "SiteError", "register", "get", "PLACEMENTS", "REGISTRY"]
@@ -40,7 +42,7 @@ def get(name: str) -> type[Placement] | None:
     return REGISTRY.get(name)
 
 
-for _placement in (Parallel, Sequential, Prompt, Prefix, Weight):
+for _placement in (Parallel, Sequential, Prompt, Prefix, Weight, Side):
     register(_placement)
 
 PLACEMENTS: tuple[str, ...] = tuple(REGISTRY)

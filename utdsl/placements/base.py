@@ -9,6 +9,7 @@ dtype, and reused through :func:`shared_module` when the same plan is rewritten 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
@@ -23,7 +24,7 @@ from ..tuners import SiteInfo
 if TYPE_CHECKING:
     from ..plan import Insertion
 
-__all__ = ["FULL", "SiteError", "Placement", "tensor_shape", "site_device_dtype", "build_units",
+__all__ = ["FULL", "ModuleTable", "SiteError", "Placement", "tensor_shape", "site_device_dtype", "build_units",
            "shared_module", "add_node_after", "has_module", "has_parameter"]
 
 FULL = "full"
@@ -31,11 +32,13 @@ FULL = "full"
 
 
 class SiteError(Exception):
-    """A site that does not fit its rule's placement; ``plan`` reports it at the rule."""
+    """A site that does not fit its rule's placement; ``plan`` reports it at the rule (at ``span``,
+    an argument of the rule, when given)."""
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, span=None):
         super().__init__(message)
         self.message, self.hint = message, hint
+        self.span = span      # where in the spec, when more precise than the rule (an argument)
 
 
 class Placement:
@@ -63,6 +66,11 @@ class Placement:
     def finish(cls, gm: fx.GraphModule) -> None:
         """Rewrite what this placement inserted once every insertion of the plan is in (default: nothing)."""
 
+    @classmethod
+    def label(cls, insertion: Insertion) -> str:
+        """How the plan table names this placement at ``insertion`` (default: its name)."""
+        return cls.name
+
 
 def tensor_shape(node: fx.Node) -> tuple[int, ...]:
     """``node``'s traced shape; :class:`SiteError` when it is not a single tensor."""
@@ -81,6 +89,26 @@ def site_device_dtype(gm: fx.GraphModule, site: str) -> tuple[torch.device, torc
             if p.is_floating_point():
                 return p.device, p.dtype
     return torch.device("cpu"), torch.get_default_dtype()
+
+
+class ModuleTable(Mapping):
+    """``dict(gm.named_modules())`` for lookups by name, each resolved when asked: listing every
+    module of a deep model for each site made placing tuners quadratic in the model's size."""
+
+    def __init__(self, gm: nn.Module):
+        self._gm = gm
+
+    def __getitem__(self, name: str) -> nn.Module:
+        try:
+            return self._gm.get_submodule(name)
+        except AttributeError:
+            raise KeyError(name) from None
+
+    def __iter__(self):
+        return (name for name, _ in self._gm.named_modules())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._gm.modules())
 
 
 def has_module(gm: nn.Module, path: str) -> bool:
@@ -105,7 +133,10 @@ def build_units(gm: fx.GraphModule, insertion: Insertion) -> dict[str, nn.Module
     device, dtype = site_device_dtype(gm, insertion.site)
     labels = insertion.chunks.labels if insertion.chunks else (FULL,)
     with torch.device(device):
-        return {label: tuner_cls.build(insertion.args, insertion.info).to(dtype) for label in labels}
+        units = {label: tuner_cls.build(insertion.args, insertion.info) for label in labels}
+    if dtype != torch.get_default_dtype():
+        units = {label: unit.to(dtype) for label, unit in units.items()}
+    return units
 
 
 def shared_module(gm: fx.GraphModule, target: str, make: Callable[[], nn.Module]) -> nn.Module:

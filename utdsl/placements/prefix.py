@@ -33,7 +33,7 @@ from ..resolve import Binding
 from ..trace import Region, stack_up_to
 from ..tuners import SiteInfo
 from .attention import AttentionCall, find_attention
-from .base import FULL, Placement, SiteError, build_units, shared_module
+from .base import FULL, ModuleTable, Placement, SiteError, build_units, shared_module
 from .probing import describe_node, probe
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def _shape(node) -> tuple | None:
 
 
 def _attention(found: Region, gm: fx.GraphModule) -> AttentionCall:
-    calls = find_attention(found, dict(gm.named_modules()))
+    calls = find_attention(found, ModuleTable(gm))
     if not calls:
         raise SiteError("prefix needs an attention inside the region; found neither a "
                          "scaled_dot_product_attention call nor softmax(q @ k) @ v",
@@ -174,7 +174,7 @@ def _try(gm: fx.GraphModule, binding: Binding, heads: int, dim: int) -> None:
     """Refuse a site whose attention does not run with prefix keys and values joined."""
     length = binding.rule.args.length
     target = "utdsl_probe_prefix"
-    modules = dict(gm.named_modules())
+    modules = ModuleTable(gm)
 
     def edit(graph: fx.Graph, found: Region) -> dict:
         (call,) = find_attention(found, modules)

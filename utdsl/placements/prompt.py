@@ -37,7 +37,7 @@ from ..resolve import Binding
 from ..trace import Region, stack_up_to
 from ..tuners import SiteInfo
 from .attention import ArgRef, find_attention
-from .base import FULL, Placement, SiteError, build_units, shared_module
+from .base import FULL, ModuleTable, Placement, SiteError, build_units, shared_module
 from .prefix import prefix_mask
 from .probing import depends_on, describe_node, probe
 
@@ -117,7 +117,7 @@ class Prompt(Placement):
         start = insertion.info.extras["num_prefix_tokens"]
         joint = shared_module(gm, insertion.module_name, lambda: PromptJoint(build_units(gm, insertion), start))
         gm.add_submodule(insertion.module_name, joint)
-        _edit(gm.graph, found, start, joint.length, insertion.module_name, insertion.site, dict(gm.named_modules()))
+        _edit(gm.graph, found, start, joint.length, insertion.module_name, insertion.site, ModuleTable(gm))
 
 
 _RESHAPES = ("view", "reshape", "flatten", "unflatten", "reshape_as", "view_as")
@@ -126,7 +126,7 @@ _RESHAPES = ("view", "reshape", "flatten", "unflatten", "reshape_as", "view_as")
 def _try(gm: fx.GraphModule, binding: Binding, start: int, length: int, tokens: int, out_tokens: int) -> None:
     """Refuse a region that does not run with ``length`` more tokens, or does not pass them on."""
     target = "utdsl_probe_prompt"
-    modules = dict(gm.named_modules())
+    modules = ModuleTable(gm)
     moved: list = []
 
     def edit(graph: fx.Graph, found: Region) -> dict:

@@ -24,6 +24,7 @@ from .. import tuners
 from ..resolve import Binding
 from ..trace import Region
 from ..tuners import SiteInfo
+from ..tuners.affine import Affine, ScaleCheck
 from .base import FULL, Placement
 from .joint import Joint, insert_joint, joined_output, split_chunks
 
@@ -88,15 +89,25 @@ class Sequential(Placement):
     @classmethod
     def finish(cls, gm: fx.GraphModule) -> None:
         """Units that may keep their output for the backward (``keep_output``: affine) stop doing
-        so where a later op writes into that output in place: autograd would refuse the backward."""
+        so where a later op writes into that output in place: autograd would refuse the backward.
+        Those that keep it share one ``scale_check`` (one device read a forward for all)."""
+        keeping = []
+        modules = dict(gm.named_modules())
         for node in gm.graph.nodes:
-            if node.op != "call_module" or not node.target.startswith("tuners."):
+            joint = modules.get(node.target) if node.op == "call_module" else None
+            if not isinstance(joint, SequentialJoint):
                 continue
-            joint = gm.get_submodule(node.target)
-            if isinstance(joint, SequentialJoint) and _written_in_place(gm, node):
-                for unit in joint.units.values():
-                    if getattr(unit, "keep_output", False):
+            written = _written_in_place(gm, node)
+            for unit in joint.units.values():
+                if getattr(unit, "keep_output", False):
+                    if written:
                         unit.keep_output = False
+                    else:
+                        keeping.append(unit)
+        keeping = [unit for unit in keeping if isinstance(unit, Affine)]
+        check = ScaleCheck(keeping) if keeping else None
+        for unit in keeping:
+            unit.scale_check = check
 
 
 #: ops whose result may share the memory of their first input

@@ -7,6 +7,13 @@ so an affine costs no activation memory of its own, where ``addcmul`` kept h bes
 site (IA3 on k and v of a fused qkv) is one full-width affine whose untuned chunks have scale 1
 and shift 0 (:meth:`Affine.chunked_forward`), instead of a split, two maps and a concatenation
 that kept the qkv output twice.
+
+Rebuilding h needs every scale nonzero. That is read from the device once per training forward
+for all the affines of a model together (one :class:`ScaleCheck` that the sequential placement
+gives them all; the first affine to run in a forward reads every scale in one go), not once per
+affine, which on a GPU waited for the device 290 times a ViT-S step; inference and frozen scales
+read nothing. (Deciding without any read would need h in the rare zero-scale case, which the
+output no longer holds.)
 """
 
 from __future__ import annotations
@@ -48,6 +55,10 @@ class Affine(Tuner):
     #: whether the backward may keep y and rebuild h from it; the sequential placement clears it
     #: where a later op writes into y in place (timm ResNet's ``ReLU(inplace=True)`` after a norm)
     keep_output = True
+    #: shared by the model's affines that keep their output (set by the sequential placement):
+    #: reads all their scales from the device at once, once a forward (:class:`ScaleCheck`)
+    scale_check: "ScaleCheck | None" = None
+    _nonzero = True
 
     def __init__(self, features: int, args: AffineArgs):
         super().__init__()
@@ -71,7 +82,17 @@ class Affine(Tuner):
     def forward(self, h: torch.Tensor, source: torch.Tensor | None = None, op: tuple | None = None,
                 params: tuple = ()) -> torch.Tensor:
         """y = h * scale + shift; with ``source``, h is ``op`` of it (see :func:`affine`)."""
-        return affine(h, self.scale, self.shift, source, op, params, keep_output=self.keep_output)
+        return affine(h, self.scale, self.shift, source, op, params, keep_output=self._may_keep_output())
+
+    def _may_keep_output(self) -> bool:
+        """Whether the backward may keep y and rebuild h: ``keep_output``, training with
+        gradients, and every scale nonzero (read through :attr:`scale_check`, else here)."""
+        if not (self.keep_output and torch.is_grad_enabled()) or self.scale is None \
+                or not self.scale.requires_grad or torch.compiler.is_compiling():
+            return False
+        if self.scale_check is not None:
+            return self.scale_check.nonzero(self)
+        return bool((self.scale != 0).all())
 
     @staticmethod
     def chunked_forward(units: list["Affine"], indices: tuple[int, ...], count: int,
@@ -91,11 +112,47 @@ class Affine(Tuner):
             for index, unit in zip(indices, units):
                 parts[index] = unit.shift
             shift = torch.cat(parts)
-        return affine(h, scale, shift, keep_output=all(unit.keep_output for unit in units))
+        keep = [unit._may_keep_output() for unit in units]     # each unit reads its flag once a forward
+        return affine(h, scale, shift, keep_output=all(keep))
 
     def merge_delta(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(scale, shift) to fold into the op's output channels."""
         return self.scale, self.shift
+
+
+class ScaleCheck:
+    """Whether each of a model's affines has every scale nonzero, read from the device in one go:
+    one ``all`` over every scale (per device; the per-unit flags only when some scale is zero).
+    A read happens at the first :meth:`nonzero` of a forward, known as the first call after
+    every unit has asked once, or a unit asking again; each unit runs once a forward."""
+
+    def __init__(self, units: list[Affine]):
+        self.units = units
+        self._asked: set[int] = set()
+
+    def nonzero(self, unit: Affine) -> bool:
+        if not self._asked or id(unit) in self._asked or len(self._asked) >= len(self.units):
+            self._read()
+        self._asked.add(id(unit))
+        return unit._nonzero
+
+    def _read(self) -> None:
+        self._asked.clear()
+        by_device: dict[torch.device, list[Affine]] = {}
+        for unit in self.units:
+            if unit.scale is not None:
+                by_device.setdefault(unit.scale.device, []).append(unit)
+        with torch.no_grad():
+            for group in by_device.values():
+                if bool((torch.cat([unit.scale.reshape(-1) for unit in group]) != 0).all()):
+                    flags = [True] * len(group)
+                else:
+                    flags = torch.stack([(unit.scale != 0).all() for unit in group]).tolist()
+                for unit, flag in zip(group, flags):
+                    unit._nonzero = flag
+
+    def __getstate__(self) -> dict:
+        return {"units": self.units, "_asked": set()}
 
 
 #: operations an affine can recompute its input h from in the backward, because they keep their
@@ -117,11 +174,13 @@ def affine(h: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | No
            keep_output: bool = True) -> torch.Tensor:
     """h * scale + shift on h's last axis (either term may be None). For the backward it keeps
     ``source`` when h = RECOMPUTE[name](source, argument, params) for ``op = (name, argument)``
-    (that op keeps ``source`` already), else y rather than h where that is exact and no larger
-    and ``keep_output`` says nothing writes into y later (:class:`_AffineFunction`)."""
+    (that op keeps ``source`` already), else y rather than h where ``keep_output`` says that is
+    exact (every scale nonzero) and nothing writes into y later, and y is no larger
+    (:class:`_AffineFunction`)."""
     if scale is None:
         return h + shift
-    if torch.compiler.is_compiling():   # the compiler chooses what to keep itself
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and scale.requires_grad):
+        # the compiler chooses what to keep itself; without a scale gradient nothing keeps h
         return h * scale if shift is None else torch.addcmul(shift, h, scale)
     if source is not None and op[0] in _AUTOCAST and torch.is_autocast_enabled(h.device.type):
         source = None
@@ -131,8 +190,8 @@ def affine(h: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | No
 class _AffineFunction(torch.autograd.Function):
     """y = h * scale (+ shift). Backward: dh = g * scale, dscale = sum(g * h), dshift = sum(g),
     sums over every axis but the last. For dscale, h is recomputed from ``source`` when given,
-    else rebuilt as (y - shift) / scale when every scale is nonzero and y has h's dtype (on a GPU
-    that check waits for the device), else kept, as ``addcmul`` did."""
+    else rebuilt as (y - shift) / scale when ``keep_output`` (the caller knows every scale is
+    nonzero) and y has h's dtype, else kept, as ``addcmul`` did. Nothing here reads the device."""
 
     @staticmethod
     def forward(ctx, h, scale, shift, source, op, params, keep_output):
@@ -145,7 +204,7 @@ class _AffineFunction(torch.autograd.Function):
         if source is not None:
             ctx.mode = "source"
             ctx.save_for_backward(source, scale, None)
-        elif keep_output and y.dtype == h.dtype and bool((scale != 0).all()):
+        elif keep_output and y.dtype == h.dtype:
             ctx.mode = "output"
             ctx.save_for_backward(y, scale, shift)
         else:
