@@ -21,8 +21,8 @@ from utdsl.errors import CheckpointError
 
 from .recipes import Recipe
 
-__all__ = ["RunConfig", "resolve_config", "spec_of", "model_kwargs", "build_model", "build_data", "num_classes_of",
-           "locate_checkpoint", "checkpoint_metadata"]
+__all__ = ["RunConfig", "resolve_config", "spec_of", "model_kwargs", "build_model", "build_data", "cache_data",
+           "num_classes_of", "locate_checkpoint", "checkpoint_metadata"]
 
 
 class RunConfig(BaseModel):
@@ -116,12 +116,16 @@ def build_model(config: RunConfig, spec=None, *, echo=None) -> nn.Module:
 
     The global torch generator is seeded with the recipe's seed first: the new head, the tuners and
     (without weights) the whole backbone are initialised the same way by ``train`` and ``eval``.
+    The recipe's ``drop_path_rate`` is passed to timm (:mod:`.droppath`); it acts in train mode only.
     ``echo`` receives the warning for a random backbone (default: ``warnings.warn``)."""
     import utdsl
     from .models import create_model
     from .weights import warn_if_random
 
+    from .droppath import drop_path_kwargs
+
     kwargs: dict[str, Any] = {"num_classes": config.num_classes, **model_kwargs(config)}
+    kwargs.update(drop_path_kwargs(config.model, config.recipe.drop_path_rate, kwargs))
     if config.weights:
         kwargs["weights"] = config.weights
     if config.pretrained:
@@ -148,20 +152,45 @@ def _dataset(data: str, root: str | None, split: str, transform):
     return build_dataset(data, root, split, transform)
 
 
-def build_data(config: RunConfig, split: str, *, train: bool):
-    """The ``split`` of the run's data set, normalised as the model expects, at the recipe's input
-    size; training augmentation as the recipe says where the data set allows it (``info.augment``)."""
-    from .data import build_transforms, describe, model_data_config
+def _transform_options(config: RunConfig, train: bool, augment: bool) -> dict[str, Any]:
+    """Size, normalisation, geometry and augmentation of the run's images (``augment``: whether the
+    data set allows random crops and flips)."""
+    from .data import model_data_config
     from .models import create_model
 
     data_cfg = model_data_config(create_model(config.model, device="meta", **model_kwargs(config)))
     recipe = config.recipe
+    augment = train and augment
+    return dict(mean=data_cfg["mean"], std=data_cfg["std"], random_crop=augment and recipe.random_crop,
+                hflip=augment and recipe.hflip, crop_pct=recipe.crop_pct or data_cfg["crop_pct"],
+                interpolation=data_cfg["interpolation"])
+
+
+def build_data(config: RunConfig, split: str, *, train: bool):
+    """The ``split`` of the run's data set, normalised as the model expects, at the recipe's input
+    size; training augmentation as the recipe says where the data set allows it (``info.augment``)."""
+    from .data import build_transforms, describe
+
     augment = train and describe(_dataset(config.data, config.data_root, split, None)).augment
-    transform = build_transforms(recipe.input_size, train, data_cfg["mean"], data_cfg["std"],
-                                 random_crop=augment and recipe.random_crop, hflip=augment and recipe.hflip,
-                                 crop_pct=recipe.crop_pct or data_cfg["crop_pct"],
-                                 interpolation=data_cfg["interpolation"])
-    return _dataset(config.data, config.data_root, split, transform)
+    options = _transform_options(config, train, augment)
+    dataset = _dataset(config.data, config.data_root, split, build_transforms(config.recipe.input_size, train,
+                                                                             **options))
+    if train and hasattr(dataset, "uint8_item"):   # image files: the uint8 path (runtime.data.loading)
+        dataset.transform = build_transforms(config.recipe.input_size, train, tensor=True, **options)
+    return dataset
+
+
+def cache_data(config: RunConfig, dataset, *, train: bool, mode: str, device: torch.device | None = None):
+    """``dataset`` (built by :func:`build_data`, scanned) held as a uint8 cache (``mode``
+    ``"memory"``, or ``"device"``: on ``device``) with the same geometry, augmentation and
+    normalisation (:mod:`.data.cached`); ``"off"`` returns it as it is."""
+    if mode == "off":
+        return dataset
+    from .data.cached import cache_dataset
+
+    options = _transform_options(config, train, dataset.info.augment)
+    return cache_dataset(dataset, size=config.recipe.input_size, train=train,
+                         device=device if mode == "device" else None, **options)
 
 
 def checkpoint_metadata(config: RunConfig, **extra: Any) -> dict[str, str]:

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .distributed import DistContext, EpochSampler, SeededDataset, all_reduce_sum
-from .guard import ignore_sigint
+from .distributed import DistContext, EpochSampler, all_reduce_sum
 
 __all__ = ["EvalResult", "evaluate", "autocast_for", "topk_correct", "evaluate_checkpoint"]
 
@@ -44,22 +43,28 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
     """How many rows have their target among the k highest logits, for each k (k capped at the
-    number of classes, so top-5 of a 3-class problem is 100%)."""
+    number of classes, so top-5 of a 3-class problem is 100%). A row holding inf or NaN counts as
+    wrong: ``topk`` of all-NaN logits picks a fixed class, which an imbalanced split rewards."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hits = top.eq(targets.unsqueeze(1))
+    hits = top.eq(targets.unsqueeze(1)) & torch.isfinite(logits).all(dim=1, keepdim=True)
     return [int(hits[:, : min(k, logits.shape[1])].any(dim=1).sum()) for k in ks]
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, ctx: DistContext | None = None,
-             precision: str = "auto", num_workers: int = 0, label_smoothing: float = 0.0) -> EvalResult:
+             precision: str = "auto", num_workers: int = 0, label_smoothing: float = 0.0,
+             channels_last: bool = False) -> EvalResult:
     """Evaluate ``model`` on ``dataset`` (in eval mode, restored afterwards). Under DDP each rank
-    takes every world-size-th sample, each sample counts once, and the result is the same on all."""
+    takes every world-size-th sample, each sample counts once, and the result is the same on all.
+    A cached split (:mod:`.data.cached`) is read through its own loader; ``channels_last`` puts
+    4-d batches in that memory format (the model's is the caller's business)."""
+    from .data.cached import make_loader
+    from .features import to_memory_format
+
     ctx = ctx or DistContext()
     sampler = EpochSampler(len(dataset), shuffle=False, rank=ctx.rank, world_size=ctx.world_size, pad=False)
-    loader = DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler,
-                        num_workers=num_workers, pin_memory=ctx.device.type == "cuda",
-                        worker_init_fn=ignore_sigint if num_workers else None)
+    loader = make_loader(dataset, sampler, batch_size=batch_size, num_workers=num_workers, device=ctx.device,
+                         rank=ctx.rank)
     criterion = nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
     was_training = model.training
     model.eval()
@@ -67,7 +72,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, ctx: D
     start = time.perf_counter()
     try:
         for images, targets in loader:
-            images = images.to(ctx.device, non_blocking=True)
+            images = to_memory_format(images.to(ctx.device, non_blocking=True), channels_last)
             targets = torch.as_tensor(targets).to(ctx.device, non_blocking=True)
             with autocast_for(ctx.device, precision):
                 logits = model(images)
@@ -87,11 +92,16 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, ctx: D
 def evaluate_checkpoint(checkpoint: str | Path, *, data: str | None = None, data_root: str | None = None,
                         split: str | None = None, batch_size: int | None = None, device: str | None = None,
                         num_workers: int = 0, ctx: DistContext | None = None, accept_changed_weights: bool = False,
-                        echo=None) -> tuple[EvalResult, dict]:
+                        echo=None, channels_last: bool | None = None,
+                        data_cache: str = "off", compiled: bool = False) -> tuple[EvalResult, dict]:
     """Evaluate a checkpoint written by ``utdsl train`` (a ``.safetensors`` file or a run directory,
     whose best checkpoint is used, else its last). ``data``/``data_root``/``split`` default to the
     run's. The run's ``--weights`` file must be the one it trained with (see
-    :func:`~.provenance.verify_weights`). Returns the result and a description of what was evaluated."""
+    :func:`~.provenance.verify_weights`). ``channels_last`` defaults to the run's recipe;
+    ``data_cache`` (``off``, ``memory``, ``device``) caches the split first. A checkpoint of a run
+    with an EMA holds the EMA's values (what the run evaluated); the description's ``params`` says
+    which (``ema`` or ``raw``). ``compiled`` runs the forward through torch.compile
+    (:mod:`.compiled`). Returns the result and a description of what was evaluated."""
     from . import config as run_config
     from .distributed import _pick_device
     from .provenance import verify_weights
@@ -105,6 +115,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: str | None = None, data
     split = split or config.recipe.eval_split
     ctx = ctx or DistContext(device=_pick_device(device, 0))
     dataset = run_config.build_data(config, split, train=False)
+    if channels_last is None:
+        channels_last = config.recipe.channels_last
     classes = run_config.num_classes_of(dataset)
     if classes != config.num_classes:
         from utdsl.errors import DataError
@@ -114,9 +126,18 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: str | None = None, data
     model = run_config.build_model(config, run_config.spec_of(config), echo=lambda text: None)
     import utdsl
 
+    from utdsl.checkpoint import read_metadata
+
     utdsl.load_tuners(model, path)
     model.to(ctx.device)
-    result = evaluate(model, dataset, batch_size=batch_size or config.recipe.batch_size, ctx=ctx,
-                      precision=config.recipe.precision, num_workers=num_workers)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    dataset = run_config.cache_data(config, dataset, train=False, mode=data_cache, device=ctx.device)
+    params = read_metadata(path).get("run.params") or ("ema" if config.recipe.ema_decay else "raw")
+    from .compiled import compile_model
+
+    result = evaluate(compile_model(model, compiled), dataset, batch_size=batch_size or config.recipe.batch_size,
+                      ctx=ctx,
+                      precision=config.recipe.precision, num_workers=num_workers, channels_last=channels_last)
     return result, {"checkpoint": str(path), "model": config.model, "spec": config.spec_name,
-                    "data": config.data, "split": split}
+                    "data": config.data, "split": split, "params": params, "channels_last": channels_last}

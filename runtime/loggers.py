@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import numbers
+import sys
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from utdsl.errors import UtdslError, did_you_mean
@@ -102,7 +103,7 @@ class MlflowLogger:
 
         self.mlflow = mlflow
         mlflow.start_run(run_name=run.path.name)
-        flat = {k: v for k, v in (config or {}).items() if isinstance(v, (str, int, float, bool))}
+        flat = {k: v for k, v in _flatten(config or {}).items() if k != "spec_text"}
         if flat:
             mlflow.log_params(flat)
 
@@ -112,6 +113,18 @@ class MlflowLogger:
 
     def close(self) -> None:
         self.mlflow.end_run()
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested ``config`` as ``a.b`` -> scalar (lists as text, long text cut to 250 characters)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif value is not None:
+            value = value if isinstance(value, (int, float, bool)) else str(value)[:250]
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _run_id(run: RunDir) -> str:
@@ -141,6 +154,15 @@ class MetricsLogger:
         self.close()
 
 
+def _installed(package: str) -> bool:
+    if package in sys.modules:  # imported already (find_spec raises for a module without __spec__)
+        return sys.modules[package] is not None
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def check_backends(names: Sequence[str]) -> list[str]:
     """Validate ``names`` (``wandb``, ``mlflow``; ``jsonl``/``tensorboard`` are always on and
     accepted) and return the optional ones, in order, without repeats."""
@@ -152,7 +174,7 @@ def check_backends(names: Sequence[str]) -> list[str]:
         if name not in BACKENDS:
             raise LoggerError(f"unknown logging backend '{name}'",
                               hint=did_you_mean(name, BACKENDS) or "backends: " + ", ".join(BACKENDS))
-        if importlib.util.find_spec(BACKENDS[name]) is None:
+        if not _installed(BACKENDS[name]):
             raise LoggerError(f"logging backend '{name}' needs the '{BACKENDS[name]}' package",
                               hint=f"pip install {BACKENDS[name]}")
         chosen.append(name)

@@ -3,7 +3,8 @@
 ```
 RUN/
   config.json                  the resolved run configuration (spec text, model, data, recipe)
-  metrics.jsonl                one JSON object a line: "kind" is "step" or "epoch"
+  metrics.jsonl                one JSON object a line: "kind" is "step", "epoch" or "summary"
+  tensorboard/                 the same numbers as TensorBoard event files
   checkpoints/last.safetensors trainable tensors after the latest epoch (utdsl.save_tuners)
   checkpoints/best.safetensors the same at the best evaluated top-1
   checkpoints/state.safetensors everything a resume needs (below)
@@ -14,7 +15,8 @@ Every file is written atomically (a temporary file in the same directory, fsync,
 so a run killed at any moment leaves the previous complete version. The resume state is one
 safetensors file, so its parts always agree: the trainable parameters (``param.NAME``), the norm
 layers' running statistics (``buffer.NAME``, which train mode updates), the
-optimizer's tensors (``optim.INDEX.KEY``), and as JSON metadata the loop position (epoch, batch
+optimizer's tensors (``optim.INDEX.KEY``), the EMA of the parameters when the recipe keeps one
+(``ema.NAME``), and as JSON metadata the loop position (epoch, batch
 within it, optimizer step), the best result so far and the optimizer's non-tensor values. The
 learning rate is a function of the step and random numbers a function of (seed, rank, epoch,
 batch), so the step is their whole state. No pickle anywhere.
@@ -167,8 +169,10 @@ class RunDir:
         utdsl.save_tuners(model, path, dict(metadata or {}))  # atomic itself
         return path
 
-    def save_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
-        """Write the resume state (trainable parameters, optimizer, loop position) atomically."""
+    def save_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+                   extra: Any = None) -> None:
+        """Write the resume state (trainable parameters, optimizer, loop position) atomically.
+        ``extra`` (the run's :class:`~.ema.ParameterEMA`) adds its ``state_tensors()``."""
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         tensors = {f"param.{n}": p.detach().cpu().clone().contiguous()
                    for n, p in model.named_parameters() if p.requires_grad}
@@ -181,15 +185,20 @@ class RunDir:
                     tensors[f"optim.{index}.{key}"] = value.detach().cpu().clone().contiguous()
                 else:
                     plain.setdefault(str(index), {})[key] = value
-        require_finite(tensors, str(self.state_path))
         meta = {"format": STATE_FORMAT, "loop": json.dumps(asdict(state)),
                 "params": json.dumps(names), "optimizer": json.dumps(plain)}
+        if extra is not None:
+            extra_tensors, extra_meta = extra.state_tensors()
+            tensors.update(extra_tensors)
+            meta.update(extra_meta)
+        require_finite(tensors, str(self.state_path))
         if self.identity:
             meta["config"] = self.identity
         atomic_write(self.state_path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
-    def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState | None:
-        """Restore parameters and optimizer from the resume state; None when there is none yet."""
+    def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Any = None) -> TrainState | None:
+        """Restore parameters and optimizer from the resume state; None when there is none yet.
+        ``extra`` (see :meth:`save_state`) is restored by its ``load_state_tensors``."""
         if not self.state_path.is_file():
             return None
         try:
@@ -231,4 +240,6 @@ class RunDir:
         for index, values in json.loads(meta["optimizer"]).items():
             groups.setdefault(int(index), {}).update(values)
         optimizer.load_state_dict({"state": groups, "param_groups": optimizer.state_dict()["param_groups"]})
+        if extra is not None:
+            extra.load_state_tensors(tensors, meta, str(self.state_path))
         return TrainState(**json.loads(meta["loop"]))

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_check_reports_rules_and_bindings(cli):
     code, out, _ = cli("check", "lora", "--set", "r=16")
@@ -78,3 +80,14 @@ def test_compile_counts_shared_tuner_state_once(cli):
     plan = json.loads(out)
     assert plan["shared_params"] == 2 * 768 * 8          # FacT's U and V, once for all 48 sites
     assert plan["tuner_params"] == 21_504 and len(plan["insertions"]) == 12 * 4   # qkv{q, k, v}, proj, fc1, fc2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("compile", "lora", "--bogus"), "No such option: --bogus"),
+    (("compile",), "Missing argument"),
+    (("frobnicate",), "No such command 'frobnicate'"),
+])
+def test_usage_errors_exit_2_without_a_traceback(cli, argv, message):
+    code, out, err = cli(*argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err + out

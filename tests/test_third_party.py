@@ -195,3 +195,29 @@ def test_register_tuner_refuses_what_a_spec_could_not_use(restore_registry):
         utdsl.register_tuner("loose", _Bottleneck, Loose)
     with pytest.raises(TypeError, match="nn.Module subclass"):
         utdsl.register_tuner("notmodule", object, _Args)
+
+
+def test_pip_installed_package_works_from_the_command_line(tmp_path):
+    """The fixture package installed by pip itself (offline, into a target directory), then used
+    by name from ``utdsl compile`` in a fresh process: listed, compiled, counted."""
+    import os
+    import subprocess
+
+    target = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                           "--no-build-isolation", "--target", str(target), str(FIXTURE)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (target / "utdsl_gain-0.1.0.dist-info" / "entry_points.txt").is_file()
+    spec = tmp_path / "gain.ut"
+    spec.write_text('spec gained "a per-channel gain after every MLP"\n' + SPEC.format(init=0.0))
+    env = dict(os.environ, PYTHONPATH=str(target), COLUMNS="200")
+    command = [sys.executable, "-m", "utdsl", "compile", str(spec), "--model", "vit_t16",
+               "--model-arg", "depth=2", "--model-arg", "img_size=32", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    plan = json.loads(done.stdout)
+    assert {row["tuner"] for row in plan["insertions"]} == {"gain"}
+    assert len(plan["insertions"]) == 2

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -37,7 +37,7 @@ from .library import locate_spec
 from .errors import Diagnostic, Source, Span, SpecError, did_you_mean, raise_if_any
 from .files import read_spec_text
 from .values import BAD, evaluate, parse_override
-from .parse import parse
+from .parse import no_gc, parse
 from .placements import PLACEMENTS
 from .roles import ROLES
 from .syntax import (Arg, Chunks, Declare, Freeze, Group, Header, Let, Literal, Name, Rule, Selector,
@@ -55,7 +55,8 @@ def check(spec: Spec, overrides: Mapping[str, str] | None = None, *,
     problem found.
     """
     checker = _Checker(overrides or {}, search_paths)
-    statements, values = checker.file(spec, {}, _stack_of(spec), top=True)
+    with no_gc():
+        statements, values = checker.file(spec, {}, _stack_of(spec), top=True)
     header = next((s for s in spec.statements if isinstance(s, Header)), None)
     checker.check_overrides()
     raise_if_any(checker.diagnostics, SpecError)
@@ -83,6 +84,21 @@ class _Checker:
         self.let_names: list[str] = []          # every let seen, in any file (for hints)
         self.used_values: dict[str, Any] = {}   # bindings of used files (first wins)
         self.declared: dict[str, tuple[Declare, TunerCall, Any]] = {}   # declaration, checked call, args
+        self.tuner_cache: dict[str, Any] = {}
+        self.all_tuners: list[str] | None = None
+        self.unknown_hints: dict[tuple[str, int], str] = {}
+
+    def tuner(self, name: str):
+        """``tuners.get(name)``, once per name and check: an unknown name makes it scan the
+        installed packages' entry points, which takes milliseconds."""
+        if name not in self.tuner_cache:
+            self.tuner_cache[name] = tuners.get(name)
+        return self.tuner_cache[name]
+
+    def tuner_names(self) -> list[str]:
+        if self.all_tuners is None:
+            self.all_tuners = tuners.names()
+        return self.all_tuners
 
     def error(self, message: str, span: Span | None, hint: str | None = None) -> None:
         self.diagnostics.append(Diagnostic(message, span, hint))
@@ -177,7 +193,7 @@ class _Checker:
 
     def declare(self, declare: Declare, scope: dict[str, Any]) -> None:
         """``tuner NAME = TUNER(ARGS)``: checked once here; rules naming it get its call."""
-        if tuners.get(declare.name) is not None:
+        if self.tuner(declare.name) is not None:
             self.error(f"'{declare.name}' is the name of a tuner; a declaration needs a name of its own",
                        declare.name_span, f"e.g. 'tuner shared_{declare.name} = ...'")
             return
@@ -194,7 +210,7 @@ class _Checker:
         if rule.placement not in PLACEMENTS:
             self.error(f"unknown placement '{rule.placement}'", rule.placement_span,
                        did_you_mean(rule.placement, PLACEMENTS) or "placements: " + ", ".join(PLACEMENTS))
-        declared = self.declared.get(rule.tuner.name) if tuners.get(rule.tuner.name) is None else None
+        declared = self.declared.get(rule.tuner.name) if self.tuner(rule.tuner.name) is None else None
         if declared is not None:
             declaration, call, validated = declared
             if rule.tuner.args:
@@ -205,21 +221,23 @@ class _Checker:
                            declaration=declaration.name)
         else:
             call, validated = self.tuner_call(rule.tuner, scope)
-        tuner = tuners.get(call.name)
+        tuner = self.tuner(call.name)
         if rule.placement in PLACEMENTS and tuner is not None and rule.placement not in tuner.placements:
             self.error(f"tuner '{call.name}' does not accept placement '{rule.placement}'",
                        rule.placement_span, f"'{call.name}' accepts: " + ", ".join(sorted(tuner.placements)))
-        return replace(rule, tuner=call, args=validated, origin=origin)
+        return _replace(rule, tuner=call, args=validated, origin=origin)
 
     def tuner_call(self, call: TunerCall, scope: dict[str, Any]) -> tuple[TunerCall, Any]:
         """The call with every argument evaluated (a ``Literal``) and its validated pydantic Args
         (None after reporting what is wrong)."""
-        tuner = tuners.get(call.name)
+        tuner = self.tuner(call.name)
         if tuner is None:
             declared = f"; declared here: {', '.join(self.declared)}" if self.declared else ""
-            self.error(f"unknown tuner '{call.name}'", call.name_span,
-                       did_you_mean(call.name, [*tuners.names(), *self.declared])
-                       or "tuners: " + ", ".join(tuners.names()) + declared)
+            key = (call.name, len(self.declared))  # the same typo a thousand times: one difflib search
+            if key not in self.unknown_hints:
+                self.unknown_hints[key] = (did_you_mean(call.name, [*self.tuner_names(), *self.declared])
+                                           or "tuners: " + ", ".join(self.tuner_names()) + declared)
+            self.error(f"unknown tuner '{call.name}'", call.name_span, self.unknown_hints[key])
         values, args, seen = {}, [], {}
         for arg in call.args:
             value = evaluate(arg.value, scope, self.error)
@@ -229,11 +247,15 @@ class _Checker:
                            f"first given at line {first.line}, column {first.column}")
             seen.setdefault(arg.name, arg)
             values.setdefault(arg.name, value)
-            args.append(replace(arg, value=Literal(value, arg.value.span)) if value is not BAD else arg)
+            if value is BAD or (type(arg.value) is Literal and arg.value.value is value):
+                args.append(arg)  # already evaluated (a literal, or a checked spec's argument)
+            else:
+                args.append(_replace(arg, value=Literal(value, arg.value.span)))
         validated = None
         if tuner is not None and not any(value is BAD for value in values.values()):
             validated = self.validate(tuner, call, values, seen)
-        return replace(call, args=tuple(args)), validated
+        args = tuple(args)
+        return (call if args == call.args else _replace(call, args=args)), validated
 
     def validate(self, tuner, call: TunerCall, values: dict[str, Any], args: dict[str, Arg]) -> Any:
         """The tuner's pydantic Args, or None after reporting each error at its argument."""
@@ -306,6 +328,20 @@ class _Checker:
             elif index >= count >= 1:
                 self.error(f"chunk {label} is out of range: {count} chunks are 0 to {count - 1}", chunks.span)
             seen.setdefault(index, label)
+
+
+_INIT_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _replace(node, **changes):
+    """``dataclasses.replace`` without its per-call introspection (check makes one per argument
+    and rule: 100,000 rules take seconds with ``replace``)."""
+    names = _INIT_FIELDS.get(type(node))
+    if names is None:
+        names = _INIT_FIELDS.setdefault(type(node), tuple(f.name for f in fields(node) if f.init))
+    values = {name: getattr(node, name) for name in names}
+    values.update(changes)
+    return type(node)(**values)
 
 
 def _name_span(arg: Arg) -> Span:

@@ -8,6 +8,7 @@ stage can collect every problem of a spec before raising once.
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -38,8 +39,12 @@ class Source:
         (``use "/etc/passwd"`` must not print a line of that file)."""
         return self.path.startswith("<") or self.path.endswith(".ut")
 
+    @functools.cached_property
+    def _lines(self) -> list[str]:  # split once: a spec with many errors quotes many lines
+        return self.text.split("\n")
+
     def line(self, number: int) -> str:
-        lines = self.text.split("\n")
+        lines = self._lines
         return lines[number - 1].rstrip("\r") if 0 < number <= len(lines) else ""
 
 

@@ -31,6 +31,7 @@ from .placements.base import has_parameter
 from .placements.weight import plan_shared
 from .placements.grid import token_grid
 from .resolve import Binding, Bindings
+from .shapes import RepeatShapeProp
 from .spans import is_span, site_key
 from .syntax import Chunks
 from .trace import indexed_regions, leaf_enclosing, region
@@ -109,7 +110,7 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
     parameters swapped for meta stand-ins for the duration), or under a FakeTensorMode when some
     operation has no meta kernel."""
     if example_input.device.type == "meta":
-        ShapeProp(gm).propagate(example_input)
+        RepeatShapeProp(gm).propagate(example_input)
         return
     try:
         from torch.nn.utils.stateless import _reparametrize_module
@@ -117,7 +118,7 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
         stand_ins = {name: torch.empty_like(t, device="meta")
                      for name, t in (*gm.named_parameters(), *gm.named_buffers())}
         with _reparametrize_module(gm, stand_ins):
-            ShapeProp(gm).propagate(torch.empty_like(example_input, device="meta"))
+            RepeatShapeProp(gm).propagate(torch.empty_like(example_input, device="meta"))
         return
     except Exception:  # an op without a meta kernel, or a tensor made on another device
         pass
@@ -148,12 +149,14 @@ def plan(bindings: Bindings, gm: fx.GraphModule, example_input: torch.Tensor,
     insertions: list[Insertion] = []
     diagnostics: list[Diagnostic] = list(bindings.warnings)
     failed: dict[tuple, list[str]] = {}   # one diagnostic per rule and reason, naming its sites
+    sizes: dict = {}    # parameters of a unit by (rule arguments, site shape): blocks repeat
     with indexed_regions(gm):
         for binding in bindings.bindings:
             try:
-                insertions.append(_plan_one(binding, gm, modules, tuner_namespace))
+                insertions.append(_plan_one(binding, gm, modules, tuner_namespace, sizes))
             except SiteError as error:
-                failed.setdefault((binding.rule.span, error.message, error.hint), []).append(binding.path)
+                failed.setdefault((error.span or binding.rule.span, error.message, error.hint),
+                                  []).append(binding.path)
     for (span, message, hint), paths in failed.items():
         more = f" (and {len(paths) - 1} more like it: {listing(paths[1:], most=3)})" if len(paths) > 1 else ""
         diagnostics.append(Diagnostic(f"{paths[0]}{more}: {message}", span, hint))
@@ -166,7 +169,7 @@ def plan(bindings: Bindings, gm: fx.GraphModule, example_input: torch.Tensor,
                 [d for d in diagnostics if d.severity == "warning"], shared)
 
 
-def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: str) -> Insertion:
+def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: str, sizes: dict) -> Insertion:
     rule = binding.rule
     tuner_cls = tuners.get(rule.tuner.name)
     if has_parameter(gm, binding.path):   # a raw parameter (pos_embed): resolve binds them for `weight`
@@ -176,11 +179,14 @@ def _plan_one(binding: Binding, gm: fx.GraphModule, modules: dict, namespace: st
     try:
         if hasattr(tuner_cls, "check_site"):
             tuner_cls.check_site(rule.args, info)
-        with torch.device("meta"):
-            unit = tuner_cls.build(rule.args, info)
+        key = (rule.tuner.name, id(rule.args), info.in_features, info.out_features, repr(info.extras))
+        per_unit = sizes.get(key)
+        if per_unit is None:
+            with torch.device("meta"):
+                unit = tuner_cls.build(rule.args, info)
+            per_unit = sizes[key] = sum(p.numel() for p in unit.parameters())
     except (ValueError, TypeError) as error:
         raise SiteError(f"cannot build {rule.tuner.name} here: {error}") from error
-    per_unit = sum(p.numel() for p in unit.parameters())
     units = len(binding.chunks.indices) if binding.chunks else 1
     return Insertion(
         site=binding.path, placement=rule.placement, tuner=rule.tuner.name, args=rule.args,

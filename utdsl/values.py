@@ -94,3 +94,17 @@ def parse_assignments(items: list[str] | None, what: str = "override") -> dict[s
             raise UtdslError(f"{what} '{item}' is not of the form name=value")
         result[key.strip()] = value.strip()
     return result
+
+
+def parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    """``--model-arg depth=6 --model-arg img_size=[32,32]`` -> ``{"depth": 6, "img_size": [32, 32]}``:
+    each value a JSON value, else the text itself (``timm.create_model`` keyword arguments)."""
+    import json
+
+    values = {}
+    for key, text in parse_assignments(items, "--model-arg").items():
+        try:
+            values[key] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key] = text
+    return values

@@ -9,15 +9,22 @@ cached batch equals the uncached pipeline's images (same PIL resize, then the sa
 normalisation). With random-resized crops the cache holds the image resized (shorter side) and
 center-cropped to ``S = floor(size / crop_pct)`` (``size`` when ``crop_pct >= 1``); the crops
 (torchvision's scale and ratio sampling) are cut from it and resized with bilinear
-``grid_sample`` (no antialiasing). Flips are a per-sample ``torch.where``.
+``grid_sample`` (no antialiasing), a flip being a mirrored sampling grid. Without crops, flips
+are row copies of the uint8 batch (equal to PIL's flip).
 
-Randomness: a batch's crops and flips come from a generator seeded with ``(seed, epoch, first
-index of the batch)`` (:class:`CachedLoader`); one item read through ``__getitem__`` uses torch's
-global generator, which :class:`~utdsl.runtime.distributed.SeededDataset` seeds per sample.
+Randomness: a batch's crops and flips come from a generator seeded with ``(seed, rank, epoch,
+first index of the batch)`` (:class:`CachedLoader`), so a resumed run draws what the uninterrupted
+one drew; one item read through ``__getitem__`` uses torch's global generator, which
+:class:`~utdsl.runtime.distributed.SeededDataset` seeds per sample.
+
+A cache that would take more than half of the memory available where it is to live (the host's
+``MemAvailable``, or the GPU's free memory) is refused with a :class:`DataError` before any image
+is decoded.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -30,9 +37,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from utdsl.errors import DataError
+
 from .base import DatasetInfo
 
-__all__ = ["CachedDataset", "CachedLoader", "build_cached", "cache_images", "make_loader"]
+__all__ = ["CachedDataset", "CachedLoader", "build_cached", "cache_dataset", "cache_images", "make_loader"]
 
 
 def _geometry(size: int, train: bool, random_crop: bool, crop_pct: float, interpolation: str) -> tuple[T.Compose, int]:
@@ -120,8 +129,9 @@ class CachedDataset(Dataset):
     def _resized_crops(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         side = images.shape[-1]
         top, left, h, w = (boxes[:, i].to(images.device) for i in range(4))
+        mirror = boxes[:, 4].to(images.device) if boxes.shape[1] > 4 else torch.ones_like(w)
         theta = torch.zeros(len(images), 2, 3, device=images.device)
-        theta[:, 0, 0] = w / side
+        theta[:, 0, 0] = mirror * w / side  # -1: the crop flipped left-right, as a flip after the crop
         theta[:, 0, 2] = (2 * left + w) / side - 1
         theta[:, 1, 1] = h / side
         theta[:, 1, 2] = (2 * top + h) / side - 1
@@ -129,19 +139,28 @@ class CachedDataset(Dataset):
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def gather(self, indices: Sequence[int], generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The uint8 images of ``indices`` (flipped where drawn) and the crop boxes drawn for them
-        (None without random crops): the part of a batch done where the cache lives."""
+        """The uint8 images of ``indices`` and, with random crops, the boxes drawn for them
+        (``(n, 5)``: top, left, height, width, and -1 where the crop is to be flipped, else 1);
+        without random crops the images come flipped where drawn and the boxes are None. This is
+        the part of a batch done where the cache lives."""
         index = torch.as_tensor(list(indices), dtype=torch.long)
-        images = self.images[index.to(self.images.device)]
-        if self.hflip:
-            flip = (torch.rand(len(index), generator=generator) < 0.5).to(images.device).view(-1, 1, 1, 1)
-            images = torch.where(flip, images.flip(-1), images)
-        boxes = self._crop_boxes(len(index), generator) if self.random_crop else None
-        return images, boxes
+        # index_select copies whole rows (advanced indexing is ~20x slower on a uint8 CPU tensor)
+        images = torch.index_select(self.images, 0, index.to(self.images.device))
+        flips = torch.rand(len(index), generator=generator) < 0.5 if self.hflip else None
+        if self.random_crop:  # a flip of the crop is a mirrored sampling grid: nothing to move here
+            boxes = self._crop_boxes(len(index), generator)
+            mirror = 1.0 - 2.0 * flips.float() if flips is not None else torch.ones(len(index))
+            return images, torch.cat([boxes, mirror[:, None]], 1)
+        if flips is not None and bool(flips.any()):
+            rows = flips.nonzero().flatten().to(images.device)
+            images.index_copy_(0, rows, images.index_select(0, rows).flip(-1))
+        return images, None
 
     def finish(self, images: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
-        """uint8 images (on any device) -> cropped, normalised float32 images on that device."""
-        images = images.float().div_(255)
+        """uint8 images (on any device) -> cropped, normalised float32 images on that device. The
+        steps are ToTensor's and Normalize's (``x / 255``, ``- mean``, ``/ std``, each rounded to
+        float32), so the values are bitwise theirs."""
+        images = images.div(255)  # uint8 -> float32 and the division in one pass
         if boxes is not None:
             images = self._resized_crops(images, boxes)
         mean, std = self.mean.to(images.device), self.std.to(images.device)
@@ -165,9 +184,9 @@ class CachedLoader:
     seeded from ``(seed, epoch, its first index)``."""
 
     def __init__(self, dataset: CachedDataset, sampler, batch_size: int, seed: int = 0,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, rank: int = 0):
         self.dataset, self.sampler, self.batch_size, self.seed = dataset, sampler, batch_size, seed
-        self.device = device
+        self.device, self.rank = device, rank
         if dataset.on_device and device is not None and dataset.images.device != device:
             dataset.to(device)
 
@@ -181,32 +200,83 @@ class CachedLoader:
         for start in range(0, len(keys), self.batch_size):
             chunk = keys[start:start + self.batch_size]
             epoch, first = chunk[0]
-            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, first))
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, epoch, first))
             yield self.dataset.batch([index for _, index in chunk], generator, self.device)
 
 
 def make_loader(dataset: Dataset, sampler, *, batch_size: int, seed: int = 0, num_workers: int = 0,
-                device: torch.device | None = None):
+                device: torch.device | None = None, rank: int = 0):
     """The loader the training loop and evaluation iterate: a :class:`CachedLoader` for a cached
-    split, else a ``DataLoader`` over ``SeededDataset(dataset, seed)`` with ``sampler``."""
+    split, the uint8 loader of :mod:`.loading` for image files read through its pipeline, else a
+    ``DataLoader`` over ``SeededDataset(dataset, seed)`` with ``sampler`` (its worker processes
+    ignore SIGINT: the loop handles Ctrl-C)."""
     if isinstance(dataset, CachedDataset):
-        return CachedLoader(dataset, sampler, batch_size, seed, device)
+        return CachedLoader(dataset, sampler, batch_size, seed, device, rank)
     from ..distributed import SeededDataset
+    from ..guard import ignore_sigint
+    from .loading import uint8_loader, uses_uint8
+
+    if uses_uint8(dataset):
+        return uint8_loader(dataset, sampler, batch_size=batch_size, seed=seed, num_workers=num_workers,
+                            device=device, worker_init_fn=ignore_sigint if num_workers else None)
 
     return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
-                      num_workers=num_workers, pin_memory=device is not None and device.type == "cuda")
+                      num_workers=num_workers, pin_memory=device is not None and device.type == "cuda",
+                      worker_init_fn=ignore_sigint if num_workers else None)
+
+
+def _available_bytes(device: torch.device | None) -> int | None:
+    """Free memory where a cache would live: the GPU's, else the host's ``MemAvailable``."""
+    if device is not None and device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_room(count: int, side: int, where: torch.device | None, what: str) -> None:
+    need = count * 3 * side * side
+    free = _available_bytes(where)
+    if free is not None and need > free // 2:
+        place = f"{where}" if where is not None and where.type == "cuda" else "host memory"
+        raise DataError(f"{what}: caching {count} images at {side}x{side} takes {need / 2**30:.1f} GiB, more than "
+                        f"half of the {free / 2**30:.1f} GiB free in {place}",
+                        hint="use data_cache=memory (host) for a GPU, or data_cache=off for a split this large")
+
+
+def cache_dataset(dataset: Dataset, *, size: int, train: bool, mean: Sequence[float], std: Sequence[float],
+                  random_crop: bool = False, hflip: bool = False, crop_pct: float = 1.0,
+                  interpolation: str = "bicubic", device: torch.device | None = None,
+                  workers: int | None = None) -> CachedDataset:
+    """``dataset`` (an image data set of this package, its ``transform`` ignored) decoded and
+    resized once into a :class:`CachedDataset` with the augmentation and normalisation given.
+    With ``device`` the cache lives there (``data_cache = "device"``)."""
+    if not hasattr(dataset, "transform") or not hasattr(dataset, "info"):
+        raise DataError(f"a {type(dataset).__name__} cannot be cached (data_cache needs an image data set)",
+                        hint="use data_cache=off")
+    raw = copy.copy(dataset)
+    raw.transform = None
+    geometry, side = _geometry(size, train, random_crop, crop_pct, interpolation)
+    _check_room(len(raw), side, device, f"data set '{dataset.info.spec}' [{dataset.info.split}]")
+    images, targets = cache_images(raw, geometry, workers)
+    cached = CachedDataset(images, targets, dataset.info, size=size, mean=mean, std=std, train=train,
+                           random_crop=random_crop, hflip=hflip, on_device=device is not None)
+    return cached.to(device) if device is not None else cached
 
 
 def build_cached(spec: str, root, split: str, *, size: int, train: bool, mean: Sequence[float],
                  std: Sequence[float], random_crop: bool = False, hflip: bool = False, crop_pct: float = 1.0,
-                 interpolation: str = "bicubic", on_device: bool = False,
+                 interpolation: str = "bicubic", device: torch.device | None = None,
                  workers: int | None = None) -> CachedDataset:
     """The split ``split`` of data set ``spec`` (see :func:`~.registry.build_dataset`), decoded
-    and resized once into a :class:`CachedDataset`."""
-    from .registry import build_dataset, describe
+    and resized once into a :class:`CachedDataset` (see :func:`cache_dataset`)."""
+    from .registry import build_dataset
 
-    raw = build_dataset(spec, root, split, None)
-    geometry, _ = _geometry(size, train, random_crop, crop_pct, interpolation)
-    images, targets = cache_images(raw, geometry, workers)
-    return CachedDataset(images, targets, describe(raw), size=size, mean=mean, std=std, train=train,
-                         random_crop=random_crop, hflip=hflip, on_device=on_device)
+    return cache_dataset(build_dataset(spec, root, split, None), size=size, train=train, mean=mean, std=std,
+                         random_crop=random_crop, hflip=hflip, crop_pct=crop_pct, interpolation=interpolation,
+                         device=device, workers=workers)

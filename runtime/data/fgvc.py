@@ -7,6 +7,8 @@ Layout (``ROOT`` is one data set's directory)::
 
 The image directory depends on the data set, as in VPT's loaders: ``images/`` for CUB and
 NABirds, ``Images/`` for Stanford Dogs, ``ROOT`` itself for Oxford Flowers and Stanford Cars.
+Splits: ``train``, ``val``, ``test`` (the files) and ``trainval`` (train.json and val.json together:
+the training set of a final run once val has chosen the hyper-parameters, as ``utdsl bench`` does).
 Class ids are mapped to contiguous labels by sorting the ids found in every split file present,
 so a split missing a class still labels the others the same way. Class names are the images'
 parent directories when each class has exactly one (as in CUB); otherwise unknown.
@@ -32,7 +34,8 @@ FGVC: dict[str, tuple[str, int]] = {
     "dogs": ("Images", 120),
     "cars": ("", 196),
 }
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "trainval")
+FILES = ("train", "val", "test")
 LAYOUT = "VPT FGVC layout"
 
 
@@ -74,9 +77,10 @@ def build_fgvc(name: str, root: str | Path | None, split: str, transform: Callab
     check_split(spec, split, SPLITS)
     root = require_root(spec, root, "ROOT/train.json mapping image path -> class id", LAYOUT)
     image_dir_name, _ = FGVC[name]
-    anno = _read_split(spec, root, split)
+    anno = ({**_read_split(spec, root, "train"), **_read_split(spec, root, "val")} if split == "trainval"
+            else _read_split(spec, root, split))
     every = dict(anno)
-    for other in SPLITS:
+    for other in FILES:
         if other != split and (root / f"{other}.json").is_file():
             every.update(_read_split(spec, root, other))
     ids = sorted(set(every.values()))
@@ -85,11 +89,12 @@ def build_fgvc(name: str, root: str | Path | None, split: str, transform: Callab
     if not image_dir.is_dir():
         raise layout_error(spec, root, f"ROOT/{image_dir_name}/ holding the images listed in the JSON "
                            "files", LAYOUT)
-    samples = [(inside_root(spec, image_dir, image, f"{split}.json"), label_of[class_id])
+    where = "train.json/val.json" if split == "trainval" else f"{split}.json"
+    samples = [(inside_root(spec, image_dir, image, where), label_of[class_id])
                for image, class_id in anno.items()]
     first = samples[0][0]
     if not Path(first).is_file():
-        raise DataError(f"data set '{spec}': image '{next(iter(anno))}' listed in {split}.json is not "
+        raise DataError(f"data set '{spec}': image '{next(iter(anno))}' listed in {where} is not "
                         f"at '{first}'",
                         hint=f"image paths in the JSON files are relative to "
                              f"{'ROOT/' + image_dir_name if image_dir_name else 'ROOT'}")

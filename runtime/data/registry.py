@@ -71,7 +71,8 @@ def build_dataset(spec: str, root: str | Path | None, split: str, transform: Cal
     """The data set ``spec`` (see the module docstring) at ``root``, split ``split``.
 
     Splits are ``train``, ``val`` and ``test`` for every data set, plus ``train800``, ``val200``
-    and ``train800val200`` for VTAB. Items are ``(transform(image), label)`` with a PIL RGB image
+    and ``train800val200`` for VTAB and ``trainval`` for FGVC. Items are ``(transform(image), label)``
+    with a PIL RGB image
     and an ``int`` label; the data set has ``targets`` and ``info`` (a :class:`DatasetInfo`).
     A missing or misarranged root is a :class:`DataError` naming the expected layout and what
     the root holds.

@@ -14,8 +14,8 @@ from utdsl.runtime.rundir import RunDir, TrainState, atomic_write
 from utdsl.runtime.train import fit
 
 
-def _without_timing(rows):
-    return [{k: v for k, v in r.items() if "throughput" not in k} for r in rows]
+def _without_timing(rows):  # and without the process's peak memory, which differs between processes
+    return [{k: v for k, v in r.items() if "throughput" not in k and k != "peak_memory_mb"} for r in rows]
 
 
 def _optimizer_state(run: RunDir):
@@ -50,6 +50,35 @@ def test_resume_is_bitwise_exact(tmp_path, optimizer, accum, every, stop):
     for kind in ("last", "best"):
         x, y = load_file(str(whole_run.checkpoint(kind))), load_file(str(part_run.checkpoint(kind)))
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_resume_with_ema_mixup_and_cutmix_is_bitwise_exact(tmp_path):
+    recipe = fast_recipe(epochs=3, log_every=3, ema_decay=0.9, mixup_alpha=0.8, cutmix_alpha=1.0,
+                         label_smoothing=0.1, layer_decay=0.7)
+    points, labels = blobs(48).tensors
+    train = torch.utils.data.TensorDataset(points.view(48, 2, 2, 2), labels)  # images for CutMix
+    test = torch.utils.data.TensorDataset(blobs(24).tensors[0].view(24, 2, 2, 2), blobs(24).tensors[1])
+    whole = tiny_model()
+    whole_run = RunDir(tmp_path / "whole")
+    fit(whole, train, test, recipe, whole_run, checkpoint_every=2)
+    part_run = RunDir(tmp_path / "part")
+    fit(tiny_model(), train, test, recipe, part_run, checkpoint_every=2, stop_after_steps=9)  # state at 8
+    resumed_model = tiny_model(tuner_seed=123)
+    fit(resumed_model, train, test, recipe, part_run, resume=True, checkpoint_every=2)
+
+    assert all(torch.equal(v, trainable(resumed_model)[k]) for k, v in trainable(whole).items())
+    a, b = load_file(str(whole_run.state_path)), load_file(str(part_run.state_path))
+    assert {k.split(".")[0] for k in a} == {"param", "optim", "ema"}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _without_timing(part_run.read_metrics()) == _without_timing(whole_run.read_metrics())
+    for kind in ("last", "best"):
+        x, y = load_file(str(whole_run.checkpoint(kind))), load_file(str(part_run.checkpoint(kind)))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        assert all(torch.equal(x[k], a[f"ema.{k}"]) for k in x) if kind == "last" else True
+    with pytest.raises(CheckpointError, match="holds no EMA of the parameters"):
+        plain = RunDir(tmp_path / "plain")
+        fit(tiny_model(), train, None, fast_recipe(epochs=1, log_every=3), plain)
+        fit(tiny_model(), train, None, fast_recipe(epochs=1, log_every=3, ema_decay=0.9), plain, resume=True)
 
 
 def test_resume_of_a_finished_run_does_nothing(tmp_path):

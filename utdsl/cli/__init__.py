@@ -7,6 +7,7 @@ re-raises instead.
 
 from __future__ import annotations
 
+import re
 import sys
 
 import typer
@@ -46,6 +47,9 @@ def _register_commands() -> None:
     from . import export_cmd
 
     export_cmd.register(app)
+    from . import bench_cmd
+
+    bench_cmd.register(app)
 
 
 def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
@@ -53,6 +57,26 @@ def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
     end = argv.index("--") if "--" in argv else len(argv)
     debug = "--debug" in argv[:end]
     return [a for a in argv[:end] if a != "--debug"] + argv[end:], debug
+
+
+def _is_click_exception(error: BaseException) -> bool:
+    """A usage error (unknown option, missing argument...): a ``ClickException`` of click or of the
+    copy of click that newer typer releases carry as ``typer._click``."""
+    return any(cls.__name__ == "ClickException" for cls in type(error).__mro__) and hasattr(error, "show")
+
+
+def _out_of_memory(error: BaseException) -> str | None:
+    """The message of an allocation the machine cannot hold (a tuner of absurd size built for real,
+    a batch too large for the GPU), without torch's C++ frames; None for any other error."""
+    torch = sys.modules.get("torch")
+    text = str(error).strip()
+    if not (isinstance(error, MemoryError) or (torch is not None and isinstance(error, torch.OutOfMemoryError))
+            or "can't allocate memory" in text):
+        return None
+    line = re.sub(r"^\[enforce fail at [^\]]*\] [^.]*\. ", "", text.splitlines()[0] if text else "")
+    return (f"error: out of memory: {line or type(error).__name__}\n"
+            "  hint: check the sizes in the spec and the batch size (utdsl compile shows the plan's parameter "
+            "counts without allocating them); --debug shows where it failed")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,11 +102,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as error:  # click usage errors arrive as ClickException subclasses
-        import click
-
-        if isinstance(error, click.ClickException) and not debug:
+    except Exception as error:
+        if _is_click_exception(error) and not debug:
             error.show()
+            sys.exit(2)
+        if _out_of_memory(error) and not debug:
+            print(_out_of_memory(error), file=sys.stderr)
             sys.exit(2)
         raise
     if isinstance(code, int) and code:  # typer returns (not raises) the code of an Exit

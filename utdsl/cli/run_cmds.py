@@ -7,7 +7,6 @@ gloo on CPU); rank 0 prints and writes.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -16,7 +15,14 @@ import typer
 
 __all__ = ["register"]
 
-DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+def _workers(requested: Optional[int]) -> int:
+    """``--num-workers``, by default the cores this process may use shared by its node's processes."""
+    if requested is not None:
+        return requested
+    from utdsl.runtime.data.loading import default_workers
+
+    return default_workers()
 
 
 def _default_out(spec_name: str, model: str, data: str) -> Path:
@@ -26,14 +32,6 @@ def _default_out(spec_name: str, model: str, data: str) -> Path:
         n += 1
         path = Path("runs") / f"{stem}-{n}"
     return path
-
-
-def _literal(text: str):
-    """A JSON value (``6``, ``0.1``, ``true``, ``[1, 2]``) or else the text itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def train_cmd(
@@ -55,13 +53,30 @@ def train_cmd(
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Recipe label_smoothing."),
     precision: Optional[str] = typer.Option(None, "--precision", help="Recipe precision: auto, fp32, bf16."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Recipe input_size."),
+    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="Recipe ema_decay: keep an EMA of the "
+                                              "trained parameters (evaluated and saved), e.g. 0.999."),
+    mixup: Optional[float] = typer.Option(None, "--mixup", help="Recipe mixup_alpha (Beta(a, a)), e.g. 0.8."),
+    cutmix: Optional[float] = typer.Option(None, "--cutmix", help="Recipe cutmix_alpha (Beta(a, a)), e.g. 1.0."),
+    drop_path: Optional[float] = typer.Option(None, "--drop-path", help="Recipe drop_path_rate: the backbone's "
+                                              "stochastic depth, e.g. 0.1."),
+    layer_decay: Optional[float] = typer.Option(None, "--layer-decay", help="Recipe layer_decay: layer-wise lr "
+                                                "decay factor, e.g. 0.65."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
+                                                 help="Recipe channels_last (for CNNs)."),
+    data_cache: Optional[str] = typer.Option(None, "--data-cache", help="Recipe data_cache: off, memory or "
+                                             "device (decode and resize images once, augment on tensors)."),
+    log_to: Optional[str] = typer.Option(None, "--log-to", help="Also log to these backends: wandb, mlflow "
+                                         "(comma-separated; metrics.jsonl and TensorBoard always)."),
     model_arg: list[str] = typer.Option([], "--model-arg", help="timm.create_model argument: --model-arg depth=6."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Backbone weights file."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Download timm's pretrained weights."),
     out: Optional[Path] = typer.Option(None, "--out", "-O", help="Run directory (default: runs/SPEC-MODEL-DATA)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
-    num_workers: int = typer.Option(DEFAULT_WORKERS, "--num-workers", help="Data loader processes per rank."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Data loader processes per rank "
+                                              "(default: the cores available to each process)."),
+    compile_: bool = typer.Option(False, "--compile", help="Run the forward through torch.compile (the first "
+                                  "step compiles; checkpoints are the same)."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also save resume state every N steps."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: on a TTY)."),
     bad_images: str = typer.Option("error", "--bad-images", help="Unreadable images: 'error' (listed before "
@@ -76,15 +91,17 @@ def train_cmd(
     from utdsl.runtime.guard import Interrupted
     from utdsl.runtime.rundir import RunDir
     from utdsl.runtime.recipes import RecipeError, load_recipe
-    from utdsl.values import parse_assignments
+    from utdsl.values import parse_assignments, parse_model_args
     from utdsl.runtime.train import train
 
     values = dict(lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, weight_decay=weight_decay,
                   optimizer=optimizer, warmup_epochs=warmup_epochs, grad_accum=grad_accum,
-                  label_smoothing=label_smoothing, precision=precision, input_size=input_size)
+                  label_smoothing=label_smoothing, precision=precision, input_size=input_size,
+                  ema_decay=ema_decay, mixup_alpha=mixup, cutmix_alpha=cutmix, drop_path_rate=drop_path,
+                  layer_decay=layer_decay, channels_last=channels_last, data_cache=data_cache)
     overrides = {**parse_assignments(override), **{k: v for k, v in values.items() if v is not None}}
     lets = parse_assignments(set_, "--set")
-    model_kwargs = {k: _literal(v) for k, v in parse_assignments(model_arg, "--model-arg").items()}
+    model_kwargs = parse_model_args(model_arg)
     if resume is not None:
         given = [name for name, value in [
             ("SPEC", spec), ("--model", model), ("--data", data), ("--data-root", data_root), ("--recipe", recipe),
@@ -101,7 +118,7 @@ def train_cmd(
     ctx = init_distributed(device, timeout=timeout)
     run_dir = resume
     try:
-        with peer_errors(ctx, str(resume) if resume else None):
+        with peer_errors(ctx, lambda: str(run_dir) if run_dir is not None and RunDir(run_dir).exists() else None):
             config = None
             if resume is None:
                 config = resolve_config(spec=spec, model=model or "vit_b16", data=data or "digits",
@@ -114,9 +131,10 @@ def train_cmd(
 
             echo = ((lambda text: err_console.print(f"warning: {text}", markup=False, soft_wrap=True))
                     if ctx.is_main else (lambda text: None))
-            result = train(config, run_dir, resume=resume is not None, ctx=ctx, num_workers=num_workers,
+            result = train(config, run_dir, resume=resume is not None, ctx=ctx, num_workers=_workers(num_workers),
                            progress=progress, checkpoint_every=checkpoint_every, echo=echo,
-                           bad_images=bad_images, accept_changed_weights=accept_changed_weights, yes=yes)
+                           bad_images=bad_images, accept_changed_weights=accept_changed_weights, yes=yes,
+                           log_to=[name for name in (log_to or "").split(",") if name.strip()], compiled=compile_)
         if ctx.is_main:
             from utdsl.cli import console
 
@@ -140,22 +158,33 @@ def eval_cmd(
     split: Optional[str] = typer.Option(None, "--split", help="Split (default: the recipe's eval_split)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: the recipe's)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
-    num_workers: int = typer.Option(DEFAULT_WORKERS, "--num-workers", help="Data loader processes."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Data loader processes (default: "
+                                              "the cores available)."),
+    compile_: bool = typer.Option(False, "--compile", help="Run the forward through torch.compile."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     accept_changed_weights: bool = typer.Option(False, "--accept-changed-weights", help="Evaluate although the "
                                                 "run's --weights file changed since it trained."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
+                                                 help="Memory format of model and batches (default: the run's)."),
+    data_cache: str = typer.Option("off", "--data-cache", help="off, memory or device: decode and resize the "
+                                   "split once before evaluating."),
 ) -> None:
     """Evaluate a checkpoint (top-1, top-5, loss) on a data set split."""
     from utdsl.cli import err_console
     from utdsl.runtime.distributed import init_distributed, shutdown
     from utdsl.runtime.evaluate import evaluate_checkpoint
 
+    if data_cache not in ("off", "memory", "device"):
+        from utdsl.runtime.recipes import RecipeError
+
+        raise RecipeError(f"--data-cache takes off, memory or device, not '{data_cache}'")
     ctx = init_distributed(device)
     try:
         result, what = evaluate_checkpoint(
             checkpoint, data=data, data_root=data_root, split=split, batch_size=batch_size,
-            num_workers=num_workers, ctx=ctx, accept_changed_weights=accept_changed_weights,
-            echo=lambda text: err_console.print(f"warning: {text}", markup=False, soft_wrap=True))
+            num_workers=_workers(num_workers), ctx=ctx, accept_changed_weights=accept_changed_weights,
+            echo=lambda text: err_console.print(f"warning: {text}", markup=False, soft_wrap=True),
+            channels_last=channels_last, data_cache=data_cache, compiled=compile_)
     finally:
         shutdown(ctx)
     if not ctx.is_main:
@@ -167,7 +196,8 @@ def eval_cmd(
         return
     from rich.table import Table
 
-    console.print(f"{what['spec']} on {what['model']}: {what['data']} [{what['split']}]", highlight=False,
+    params = " (EMA of the parameters)" if what["params"] == "ema" else ""
+    console.print(f"{what['spec']} on {what['model']}: {what['data']} [{what['split']}]{params}", highlight=False,
                   soft_wrap=True, markup=False)
     table = Table()
     for column in ("samples", "top-1 %", "top-5 %", "loss", "img/s"):

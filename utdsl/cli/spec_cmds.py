@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import UtdslError
-from ..values import parse_assignments
+from ..values import parse_assignments, parse_model_args
 from ..selectors import generalize
 from . import console, err_console
 
@@ -18,6 +18,7 @@ __all__ = ["register", "parse_sets"]
 SPEC_ARG = typer.Argument(..., help="A .ut file or a library spec name (see `utdsl list`).")
 SET_OPT = typer.Option(None, "--set", "-s", help="Override a `let` binding: --set r=16 (repeatable).")
 MODEL_OPT = typer.Option("vit_b16", "--model", "-m", help="A timm model name or alias (vit_b16, vit_s16, vit_t16).")
+MODEL_ARG_OPT = typer.Option(None, "--model-arg", help="timm.create_model argument: --model-arg depth=6 (repeatable).")
 
 
 def shorten(text: str, most: int = 80) -> str:
@@ -43,7 +44,7 @@ def check_cmd(spec: str = SPEC_ARG, sets: Optional[List[str]] = SET_OPT) -> None
                 f"{len(checked.param_rules)} train/freeze" + (f"; {lets}" if lets else ""), highlight=False)
 
 
-def inspect_cmd(model: str = MODEL_OPT,
+def inspect_cmd(model: str = MODEL_OPT, model_args: Optional[List[str]] = MODEL_ARG_OPT,
                 select: Optional[str] = typer.Option(None, "--select", help="Show only modules a selector matches."),
                 all_paths: bool = typer.Option(False, "--all", help="One row per module instead of per pattern.")) -> None:
     """List a model's module paths and kinds, to write selectors."""
@@ -51,7 +52,7 @@ def inspect_cmd(model: str = MODEL_OPT,
     from ..runtime.models import create_model
     from ..selectors import matches
 
-    net = create_model(model, device="meta")
+    net = create_model(model, device="meta", **parse_model_args(model_args))
     selector = _selector(select) if select else None
     roles = role_paths(net)
     rows: "OrderedDict[tuple[str, str], list]" = OrderedDict()
@@ -75,6 +76,7 @@ def compile_cmd(spec: str = SPEC_ARG, model: str = MODEL_OPT, sets: Optional[Lis
                 emit: Optional[str] = typer.Option(None, "--emit", help="'code': print the compiled forward "
                                                    "alone on stdout (the plan goes to stderr)."),
                 num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classifier size."),
+                model_args: Optional[List[str]] = MODEL_ARG_OPT,
                 verify: bool = typer.Option(False, "--verify", help="Build real weights and check identity at init.")) -> None:
     """Compile a spec into a model and print the plan: sites, tuners, parameters."""
     from ..compiler import compile, load_spec
@@ -84,7 +86,8 @@ def compile_cmd(spec: str = SPEC_ARG, model: str = MODEL_OPT, sets: Optional[Lis
     checked = load_spec(spec, parse_sets(sets))
     if emit not in (None, "code"):
         raise UtdslError(f"--emit takes 'code', got '{emit}'")
-    net = create_model(model, num_classes=num_classes, device=None if verify else "meta").eval()
+    net = create_model(model, num_classes=num_classes, device=None if verify else "meta",
+                       **parse_model_args(model_args)).eval()
     tuned = compile(checked, net, model_name=model)
     the_plan = tuned.meta["utdsl"].plan
     for warning in the_plan.warnings:
@@ -111,10 +114,14 @@ def compile_cmd(spec: str = SPEC_ARG, model: str = MODEL_OPT, sets: Optional[Lis
 
 def plan_table(the_plan, title: str) -> Table:
     """The plan as a table, one row per (site pattern, placement, tuner, sizes)."""
+    from .. import placements
+
     rows: "OrderedDict[tuple, list[int]]" = OrderedDict()
     for ins in the_plan.insertions:
         site = generalize(ins.site) + (str(ins.chunks) if ins.chunks else "")
-        key = (site, ins.placement, ins.tuner, f"{ins.info.in_features}→{ins.info.out_features}", ins.params)
+        placement = placements.get(ins.placement)
+        label = placement.label(ins) if placement is not None else ins.placement
+        key = (site, label, ins.tuner, f"{ins.info.in_features}→{ins.info.out_features}", ins.params)
         rows.setdefault(key, [0])[0] += 1
     table = Table(title=title)
     for column in ("site", "placement", "tuner", "in→out", "sites", "params"):

@@ -39,3 +39,4 @@ from .plugins import register_tuner  # noqa: E402
 from . import adapter, affine, kv, lowrank, tokens  # noqa: E402,F401  (registration side effect)
 from . import conv_adapter, mona  # noqa: E402,F401  (token grid)
 from . import boft, dora, fact, hadamard, lokr, loha, lora, oft, vera  # noqa: E402,F401  (weight space)
+from . import res_adapter  # noqa: E402,F401  (side chains)

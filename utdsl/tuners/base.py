@@ -7,6 +7,7 @@ move a channels-first tensor's channel axis there and back.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -36,9 +37,7 @@ class TunerArgs(BaseModel):
     def _bounded(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return value
-        field = cls.model_fields.get(info.field_name or "")
-        own = field is not None and any(isinstance(m, (annotated_types.Le, annotated_types.Lt))
-                                        for m in field.metadata)
+        own = _own_upper_bound(cls, info.field_name or "")
         bound = INT_BOUND if isinstance(value, int) else FLOAT_BOUND
         if not own and value > bound:
             raise ValueError(f"{value:g} is too large (at most {bound:g})" if isinstance(value, float)
@@ -46,6 +45,13 @@ class TunerArgs(BaseModel):
         if value < -bound:
             raise ValueError(f"{value} is too small (at least {-bound:g})")
         return value
+
+
+@functools.cache
+def _own_upper_bound(model: type[BaseModel], name: str) -> bool:
+    """Whether the field ``name`` of ``model`` declares an upper bound (``le``/``lt``) itself."""
+    field = model.__pydantic_fields__.get(name)  # not ``model_fields``: that builds a new dict per call
+    return field is not None and any(isinstance(m, (annotated_types.Le, annotated_types.Lt)) for m in field.metadata)
 
 
 @dataclass(frozen=True)
