@@ -36,7 +36,7 @@ CATALOG_CASES = [
     ('blocks.0\n', 1, 9, 'unexpected end of line'),
     # a rule starts with a selector, e.g. 'blocks.*.attn -> parallel lowrank(r=8)'
     ('-> parallel lowrank', 1, 1, "unexpected '->'"),
-    # expected a placement after '->': one of parallel, sequential, prompt, prefix
+    # expected a placement after '->': one of parallel, sequential, prompt, prefix, weight, side
     ('attn ->\n', 1, 8, 'unexpected end of line'),
     ('attn -> (r=8)', 1, 9, "unexpected '('"),
     ('attn -> "parallel" lowrank', 1, 9, 'unexpected string "parallel"'),
@@ -308,3 +308,11 @@ def test_every_catalog_hint_is_reachable_and_distinct():
     hints = [hint for hint, _ in CATALOG]
     assert len(hints) == len(set(hints))
     assert all(examples for _, examples in CATALOG)
+
+
+def test_the_missing_placement_message_names_every_registered_placement():
+    from utdsl.placements import PLACEMENTS
+    from utdsl.syntax_errors import CATALOG
+
+    (label,) = [label for label, _ in CATALOG if label.startswith("expected a placement after")]
+    assert label.endswith("one of " + ", ".join(PLACEMENTS))

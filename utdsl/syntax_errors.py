@@ -54,7 +54,7 @@ CATALOG: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("a rule starts with a selector, e.g. 'blocks.*.attn -> parallel lowrank(r=8)'", (
         "-> parallel lowrank",
     )),
-    ("expected a placement after '->': one of parallel, sequential, prompt, prefix", (
+    ("expected a placement after '->': one of parallel, sequential, prompt, prefix, weight, side", (
         "attn ->\n",
         "attn -> (r=8)",
         "attn -> \"parallel\" lowrank",
