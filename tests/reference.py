@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -46,3 +47,15 @@ def assert_equivalent(tuned: nn.Module, reference: Callable[[torch.Tensor], torc
     nonzero = sum(bool(g.abs().max() > 0) for g in grads_a)
     assert nonzero >= 0.75 * len(grads_a), f"only {nonzero} of {len(grads_a)} gradients are non-zero"
     return worst
+
+
+@contextlib.contextmanager
+def forward_hooks(pairs):
+    """``(module, hook)`` forward hooks registered for the block: a base model with a method's
+    formula spliced in, the hand-written reference of a tuned model."""
+    handles = [module.register_forward_hook(hook) for module, hook in pairs]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -3,7 +3,6 @@ the adapter's Adapter+ options, and equivalence with hand-written formulas of th
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from utdsl.tuners.adapter import Adapter, AdapterArgs
 from utdsl.tuners.base import SiteInfo
 
 from .conftest import meta_model, tiny_vit, trainable_without_head
-from .reference import assert_equivalent, randomize_tuners
+from .reference import assert_equivalent, forward_hooks, randomize_tuners
 
 COUNTS = {
     # 12 x (down 768x8 + 8, up 8x768 + 768, channel scale 768)
@@ -35,16 +34,6 @@ def _unit(tuned, site: str, joint: str):
     return tuned.get_submodule(f"{tuned.meta['utdsl'].plan_namespace}.{site}.{joint}").units["full"]
 
 
-@contextlib.contextmanager
-def _hooks(pairs):
-    handles = [module.register_forward_hook(hook) for module, hook in pairs]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def test_adapter_plus_equals_the_post_adapter_formula():
     base = tiny_vit()
     tuned = utdsl.compile("adapter_plus", base)
@@ -63,7 +52,7 @@ def test_adapter_plus_equals_the_post_adapter_formula():
         return hook
 
     def reference(x):
-        with _hooks([(block, post_adapter(unit)) for block, unit in zip(base.blocks, units)]):
+        with forward_hooks([(block, post_adapter(unit)) for block, unit in zip(base.blocks, units)]):
             return base(x)
 
     torch.manual_seed(0)
@@ -116,7 +105,7 @@ def test_hydra_equals_parallel_plus_sequential_low_rank_on_each_linear():
             pairs.append((linear, hook))
 
     def reference(x):
-        with _hooks(pairs):
+        with forward_hooks(pairs):
             return base(x)
 
     assert_equivalent(tuned, reference, torch.randn(2, 3, 32, 32), params)

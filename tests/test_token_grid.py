@@ -4,7 +4,6 @@ on ViT-B/16, and equivalence with hand-written formulas on ViT, DeiT (distillati
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import timm
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 import utdsl
 
 from .conftest import meta_model, tiny_vit, trainable_without_head
-from .reference import assert_equivalent, randomize_tuners
+from .reference import assert_equivalent, forward_hooks, randomize_tuners
 
 COUNTS = {
     # 24 x (down 768x8 + 8, conv 8x8x3x3 + 8, up 8x768 + 768): the paper's 0.33 M
@@ -72,16 +71,6 @@ def _unit(tuned, name):
     return tuned.get_submodule(f"{tuned.meta['utdsl'].plan_namespace}.{name}").units["full"]
 
 
-@contextlib.contextmanager
-def _hooks(pairs):
-    handles = [module.register_forward_hook(hook) for module, hook in pairs]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _parallel(unit, formula):
     return lambda module, inputs, out: out + formula(unit, inputs[0])
 
@@ -114,7 +103,7 @@ def test_convpass_equals_its_code_on_vit_deit_and_registers(model, prefix):
             pairs.append((getattr(block, part), _parallel(unit, lambda u, v: convpass_ref(u, v, (3, 3), prefix))))
 
     def reference(v):
-        with _hooks(pairs):
+        with forward_hooks(pairs):
             return base(v)
 
     assert_equivalent(tuned, reference, x, params)
@@ -198,7 +187,7 @@ def test_convpass_on_swin_mlp_tokens_without_prefix():
                           _parallel(unit, lambda u, v, side=side: convpass_ref(u, v, (side, side), 0, 2.0))))
 
     def reference(v):
-        with _hooks(pairs):
+        with forward_hooks(pairs):
             return base(v)
 
     assert_equivalent(tuned, reference, x, params)
@@ -236,7 +225,7 @@ def test_token_grid_tuners_on_convnext_maps(conv_mlp):
         pairs.append((block.mlp, conv_hook))
 
     def reference(v):
-        with _hooks(pairs):
+        with forward_hooks(pairs):
             return base(v)
 
     assert_equivalent(tuned, reference, x, params)

@@ -37,7 +37,8 @@ from .library import locate_spec
 from .errors import Diagnostic, Source, Span, SpecError, did_you_mean, raise_if_any
 from .files import read_spec_text
 from .values import BAD, evaluate, parse_override
-from .parse import no_gc, parse
+from .collector import collector_paused
+from .parse import parse
 from .placements import PLACEMENTS
 from .roles import ROLES
 from .syntax import (Arg, Chunks, Declare, Freeze, Group, Header, Let, Literal, Name, Rule, Selector,
@@ -55,7 +56,7 @@ def check(spec: Spec, overrides: Mapping[str, str] | None = None, *,
     problem found.
     """
     checker = _Checker(overrides or {}, search_paths)
-    with no_gc():
+    with collector_paused():
         statements, values = checker.file(spec, {}, _stack_of(spec), top=True)
     header = next((s for s in spec.statements if isinstance(s, Header)), None)
     checker.check_overrides()

@@ -12,9 +12,7 @@ whose ``train()``/``eval()`` select the graph.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import gc
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 from . import backends
+from .collector import collector_paused
 from .errors import ModelError
 from .modes import ModalGraphModule, trace_modes
 from .trace import indexed_regions, leaf_enclosing
@@ -152,22 +151,8 @@ def compile(spec: Spec | str | os.PathLike, model: nn.Module, example_input: tor
     the model's configured input size) only sizes the tuners: no real forward runs. The result
     starts in ``model``'s mode and behaves as ``model`` does in each mode (dropout, DropPath).
     """
-    with _collector_paused():
+    with collector_paused():
         return _compile(spec, model, example_input, inplace, model_name, overrides)
-
-
-@contextlib.contextmanager
-def _collector_paused():
-    """Python's cycle collector off for the length of a compile: tracing a deep model allocates
-    fx nodes by the thousand, and each full collection walks every object of the model and its
-    graphs (a tenth of a ViT-g compile). What a compile leaves behind is collected afterwards."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _compile(spec, model: nn.Module, example_input, inplace: bool, model_name: str | None,

@@ -14,14 +14,12 @@ have been accepted, in words. The grammar itself is ``grammar/utdsl.lark``, the 
 
 Speed: a well-formed spec is read by :mod:`utdsl.parse_fast` (the same AST, about 10 times faster
 than lark); anything else, errors included, by lark. Both are linear in the text, and the cyclic
-garbage collector is paused while the nodes are built (:func:`no_gc`).
+garbage collector is paused while the nodes are built (:func:`utdsl.collector.collector_paused`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 from importlib import resources
 from typing import Iterator
 
@@ -30,10 +28,11 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedInput, VisitError
 
 from . import syntax as ast
+from .collector import collector_paused
 from .errors import Diagnostic, Source, Span, SpecError
 from .syntax_errors import diagnose
 
-__all__ = ["parse", "parser", "no_gc"]
+__all__ = ["parse", "parser"]
 
 _OPEN = {"LPAR", "LSQB", "LBRACE"}
 _CLOSE = {"RPAR", "RSQB", "RBRACE"}
@@ -61,19 +60,6 @@ class _Newlines:
             yield Token.new_borrow_pos("_NL", "", last)  # empty value: the end of the input
 
 
-@contextlib.contextmanager
-def no_gc():
-    """The cyclic garbage collector paused: a parse allocates only acyclic nodes, and collections
-    triggered by their number cost more than the parse itself on large specs."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 @functools.cache
 def parser() -> Lark:
     """The LALR parser of ``grammar/utdsl.lark`` (built once per process)."""
@@ -91,7 +77,7 @@ def parse(text: str, path: str = "<string>") -> ast.Spec:
     source = Source(text, path)
     from .parse_fast import parse_statements  # it uses this module's helpers
 
-    with no_gc():
+    with collector_paused():
         statements = parse_statements(text, source)
         if statements is None:
             statements = _parse_with_lark(text, source)

@@ -18,8 +18,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from . import register
-from .base import SiteInfo, Tuner, TunerArgs
-from .grid import conv_prefix, from_maps, to_maps
+from .base import TunerArgs
+from .grid import GridTuner
 
 
 class QuickGELU(nn.Module):
@@ -52,17 +52,15 @@ class ConvAdapterArgs(TunerArgs):
 
 
 @register
-class ConvAdapter(Tuner):
+class ConvAdapter(GridTuner):
     name = "conv_adapter"
     Args = ConvAdapterArgs
     placements = frozenset({"parallel", "sequential"})
     summary = "Convpass: down, k x k conv on the patch grid, up; prefix tokens as 1x1 maps; zero up at init"
-    token_grid = True
 
     def __init__(self, in_features: int, out_features: int, args: ConvAdapterArgs,
                  grid: tuple[int, int] | None, prefix_tokens: int):
-        super().__init__()
-        self.grid, self.prefix_tokens, self.conv_prefix = grid, prefix_tokens, args.prefix == "conv1x1"
+        super().__init__(grid, prefix_tokens, args.prefix)
         self.down = nn.Linear(in_features, args.dim)
         self.conv = nn.Conv2d(args.dim, args.dim, args.kernel, padding=args.kernel // 2,
                               groups=args.dim if args.depthwise else 1)
@@ -83,18 +81,9 @@ class ConvAdapter(Tuner):
         for bias in (self.down.bias, self.conv.bias, self.up.bias):
             nn.init.zeros_(bias)
 
-    @classmethod
-    def build(cls, args: ConvAdapterArgs, site: SiteInfo) -> "ConvAdapter":
-        return cls(site.in_features, site.out_features, args, site.extras.get("grid"),
-                   site.extras.get("prefix_tokens", 0))
-
     def extra_repr(self) -> str:
-        return f"grid={self.grid}, prefix_tokens={self.prefix_tokens}, scale={self.scale}"
+        return f"{super().extra_repr()}, scale={self.scale}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.act(self.down(x))
-        head, maps = to_maps(z, self.grid, self.prefix_tokens)
-        if head is not None and self.conv_prefix:
-            head = conv_prefix(self.conv, head)
-        z = from_maps(head, self.conv(maps), z)
+        z = self.on_grid(self.act(self.down(x)), self.conv)
         return self.up(self.dropout(self.act(z))) * self.scale

@@ -11,7 +11,36 @@ import math
 
 import torch
 
-__all__ = ["to_maps", "from_maps", "conv_prefix"]
+from .base import SiteInfo, Tuner
+
+__all__ = ["GridTuner", "to_maps", "from_maps", "conv_prefix"]
+
+
+class GridTuner(Tuner):
+    """Base of the token-grid tuners: the site's patch grid and prefix-token count (from the
+    plan's site info), and :meth:`on_grid` to run a convolution over the grid."""
+
+    token_grid = True
+
+    def __init__(self, grid: tuple[int, int] | None, prefix_tokens: int, prefix: str):
+        super().__init__()
+        self.grid, self.prefix_tokens, self.conv_prefix = grid, prefix_tokens, prefix == "conv1x1"
+
+    @classmethod
+    def build(cls, args, site: SiteInfo) -> "GridTuner":
+        return cls(site.in_features, site.out_features, args, site.extras.get("grid"),
+                   site.extras.get("prefix_tokens", 0))
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}, prefix_tokens={self.prefix_tokens}"
+
+    def on_grid(self, z: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
+        """``conv`` over the grid of z's patch tokens (prefix tokens as 1x1 maps with
+        ``prefix=conv1x1``, else unchanged), z's layout kept."""
+        head, maps = to_maps(z, self.grid, self.prefix_tokens)
+        if head is not None and self.conv_prefix:
+            head = conv_prefix(conv, head)
+        return from_maps(head, conv(maps), z)
 
 
 def to_maps(x: torch.Tensor, grid: tuple[int, int] | None, prefix: int) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -19,8 +19,8 @@ from pydantic import Field
 from torch import nn
 
 from . import register
-from .base import SiteInfo, Tuner, TunerArgs
-from .grid import conv_prefix, from_maps, to_maps
+from .base import TunerArgs
+from .grid import GridTuner
 
 KERNELS = (3, 5, 7)
 
@@ -45,17 +45,15 @@ class MultiCognitive(nn.Module):
 
 
 @register
-class Mona(Tuner):
+class Mona(GridTuner):
     name = "mona"
     Args = MonaArgs
     placements = frozenset({"sequential", "parallel"})
     summary = "Mona: scaled layer norm, down, multi-scale depthwise convs on the patch grid, gelu, up"
-    token_grid = True
 
     def __init__(self, in_features: int, out_features: int, args: MonaArgs,
                  grid: tuple[int, int] | None, prefix_tokens: int):
-        super().__init__()
-        self.grid, self.prefix_tokens, self.conv_prefix = grid, prefix_tokens, args.prefix == "conv1x1"
+        super().__init__(grid, prefix_tokens, args.prefix)
         self.norm = nn.LayerNorm(in_features)
         self.gamma = nn.Parameter(torch.full((in_features,), 1e-6))
         self.gamma_x = nn.Parameter(torch.ones(in_features))
@@ -65,21 +63,10 @@ class Mona(Tuner):
         self.up = nn.Linear(args.dim, out_features)
 
     @classmethod
-    def build(cls, args: MonaArgs, site: SiteInfo) -> "Mona":
-        return cls(site.in_features, site.out_features, args, site.extras.get("grid"),
-                   site.extras.get("prefix_tokens", 0))
-
-    @classmethod
     def identity_at_init(cls, args: MonaArgs) -> bool:
         return False
 
-    def extra_repr(self) -> str:
-        return f"grid={self.grid}, prefix_tokens={self.prefix_tokens}"
-
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         z = self.down(self.norm(h) * self.gamma + h * self.gamma_x)
-        head, maps = to_maps(z, self.grid, self.prefix_tokens)
-        if head is not None and self.conv_prefix:
-            head = conv_prefix(self.grid_op, head)
-        z = from_maps(head, self.grid_op(maps), z)
+        z = self.on_grid(z, self.grid_op)
         return self.up(self.dropout(F.gelu(z)))
