@@ -162,14 +162,26 @@ def test_published_rows_are_complete_and_reproduce_their_papers_averages():
     assert [r.method for r in rows] == [
         "Full fine-tuning", "Linear probing", "BitFit", "VPT-Shallow", "VPT-Deep", "Adapter (h=8)",
         "AdaptFormer (h=8)", "LoRA (r=8)", "NOAH", "FacT-TT (r=4)", "FacT-TT (r<=16)", "FacT-TK (r=8)",
-        "FacT-TK (r<=32)", "Convpass-attn", "Convpass"]
+        "FacT-TK (r<=32)", "Convpass-attn", "Convpass", "SSF"]
     suite = resolve_suite("vtab1k")
     for row in rows:
         assert sorted(row.top1) == sorted(VTAB) and row.source.url and row.source.table and row.source.read_at
+        assert row.source.mean in ("groups", "tasks"), row.method
         means = published_means(row, suite, [t.name for t in suite.tasks])
-        # per-task numbers are rounded to 0.1 (0.01), the reported average too: within 0.15
-        assert means["mean_groups"] == pytest.approx(row.reported_mean, abs=0.15), row.method
-    assert published_rows("fgvc") == () and published_rows("digits") == ()
+        # per-task numbers are rounded to 0.1 (0.01), the reported average too: within 0.15, as the source averages
+        assert means[f"mean_{row.source.mean}"] == pytest.approx(row.reported_mean, abs=0.15), row.method
+    fgvc_rows = published_rows("fgvc")
+    assert [r.method for r in fgvc_rows] == [
+        "Full fine-tuning", "Linear probing", "Adapter", "AdaptFormer", "Prefix Tuning", "U-Tuning", "BitFit",
+        "VPT-Shallow", "VPT-Deep", "SSF", "LoRA", "GPS", "HST", "LAST", "SNF"]
+    fgvc = resolve_suite("fgvc")
+    for row in fgvc_rows:
+        assert sorted(row.top1) == sorted(FGVC_TASKS) and row.source.url and row.source.table and row.source.read_at
+        assert row.source.mean == "tasks" and row.params_m is not None, row.method
+        means = published_means(row, fgvc, list(FGVC_TASKS))
+        assert means["mean_groups"] is None and means["groups"] == {}
+        assert means["mean_tasks"] == pytest.approx(row.reported_mean, abs=0.15), row.method
+    assert published_rows("digits") == ()
 
 
 # ----------------------------------------------------------------------------- trials on disk

@@ -58,7 +58,7 @@ def test_a_tiny_vtab_bench_on_ray_retries_a_crash_and_reports_a_trial_that_keeps
     assert min(eurosat.trainable_params, eurosat.flops, eurosat.peak_memory_mb, eurosat.images_per_s) > 0
     saved = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert saved["bench"]["executor"] == "Ray, 2 CPUs and 0 GPUs, 1 CPU a trial, 1 retries"
-    assert len(saved["published"]) == 15 and saved["failed_trials"] == 1
+    assert len(saved["published"]) == 16 and saved["failed_trials"] == 1
     assert "| dtd/final-lr0.001-wd0.0001-seed0 | RuntimeError: boom, always (after 2 attempts) |" in \
         (tmp_path / "bench" / "results.md").read_text()
     assert {p.name for p in (tmp_path / "bench").iterdir()} == {
