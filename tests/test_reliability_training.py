@@ -69,10 +69,10 @@ def _epoch_of(path: Path) -> str:
 def nan_second_evaluation(monkeypatch):
     """The second evaluation of a run has all-NaN logits on a split of one class: ``topk`` then
     picks a fixed class, so its top-1 could read 100 %."""
-    from utdsl.runtime import train as train_module
+    from utdsl.runtime import fit as fit_module
     from utdsl.runtime.evaluate import EvalResult
 
-    real, calls = train_module.evaluate, []
+    real, calls = fit_module.evaluate, []
 
     def evaluate(*args, **kwargs):
         calls.append(None)
@@ -80,7 +80,7 @@ def nan_second_evaluation(monkeypatch):
             return EvalResult(loss=float("nan"), top1=100.0, top5=100.0, samples=360, throughput=1.0)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    monkeypatch.setattr(fit_module, "evaluate", evaluate)
 
 
 @pytest.mark.parametrize("policy", ["error", "skip"])
@@ -310,3 +310,14 @@ def test_huge_tuners_ask_for_yes(tmp_path, cli):
     assert code == 2
     assert "error: the spec's tuners have 288,000,000 parameters: about 4.3 GiB to train" in err
     assert "pass --yes" in err and not (tmp_path / "run").exists()
+
+
+def test_compile_verify_asks_for_yes_before_building_huge_tuners(tmp_path, cli):
+    spec = tmp_path / "big.ut"
+    spec.write_text("blocks.0 -> prompt tokens(length=9000000)\n")
+    code, _, err = cli("compile", str(spec), "--model", "vit_t16", "--model-arg", "depth=1", "--verify")
+    assert code == 2
+    assert "error: the spec's tuners have 1,728,000,000 parameters: about 6.4 GiB to build in fp32" in err
+    assert "pass --yes" in err
+    # without --verify nothing is allocated (the meta device) and nothing is asked
+    assert cli("compile", str(spec), "--model", "vit_t16", "--model-arg", "depth=1")[0] == 0
