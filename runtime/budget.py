@@ -13,7 +13,7 @@ import torch
 
 from utdsl.errors import ModelError
 
-__all__ = ["TUNER_BYTES_LIMIT", "BYTES_PER_PARAM", "tuner_parameters", "check_tuner_memory"]
+__all__ = ["TUNER_BYTES_LIMIT", "BYTES_PER_PARAM", "tuner_parameters", "check_tuner_memory", "refuse_large_tuners"]
 
 TUNER_BYTES_LIMIT = 4 * 2**30
 BYTES_PER_PARAM = 16
@@ -36,10 +36,17 @@ def check_tuner_memory(config, yes: bool = False, limit: int = TUNER_BYTES_LIMIT
     """The tuner parameter count; a :class:`ModelError` when their training state would exceed
     ``limit`` bytes and ``yes`` is false."""
     params = tuner_parameters(config)
-    need = params * BYTES_PER_PARAM
-    if need > limit and not yes:
-        raise ModelError(f"the spec's tuners have {params:,} parameters: about {need / 2**30:.1f} GiB to train "
-                         f"(weights, gradients, optimizer state), above the {limit / 2**30:.0f} GiB bound",
-                         hint="check the tuner sizes in the spec (utdsl compile shows the plan); "
-                              "pass --yes to train it anyway")
+    refuse_large_tuners(params, yes, BYTES_PER_PARAM, "to train (weights, gradients, optimizer state)", limit)
     return params
+
+
+def refuse_large_tuners(params: int, yes: bool, bytes_per_param: int, purpose: str,
+                        limit: int = TUNER_BYTES_LIMIT) -> None:
+    """A :class:`ModelError` when ``params`` tuner parameters at ``bytes_per_param`` exceed
+    ``limit`` bytes and the user did not confirm with ``yes``."""
+    need = params * bytes_per_param
+    if need > limit and not yes:
+        raise ModelError(f"the spec's tuners have {params:,} parameters: about {need / 2**30:.1f} GiB {purpose}, "
+                         f"above the {limit / 2**30:.0f} GiB bound",
+                         hint="check the tuner sizes in the spec (utdsl compile shows the plan); "
+                              "pass --yes to go ahead anyway")

@@ -243,3 +243,18 @@ def test_train_under_two_processes_stops_cleanly_when_a_rank_stalls_or_dies(tmp_
     else:
         assert "error: rank 0 of 2: another process of the distributed run died (" in err
     assert f"resume with utdsl train --resume {out} (same number of processes)" in err
+
+
+def test_eval_waits_as_long_as_the_run_s_dist_timeout(tmp_path, cli, monkeypatch):
+    """``utdsl eval`` bounds its collectives by the recipe's ``dist_timeout`` of the run it reads,
+    not torch's 30 minutes."""
+    import utdsl.runtime.distributed as distributed
+
+    out = tmp_path / "run"
+    assert cli("train", "lora", *MICRO, "--epochs", "1", "-o", "dist_timeout=7", "--out", str(out))[0] == 0
+    timeouts = []
+    real = distributed.init_distributed
+    monkeypatch.setattr(distributed, "init_distributed",
+                        lambda device=None, timeout=None: (timeouts.append(timeout), real(device, timeout))[1])
+    assert cli("eval", str(out), "--num-workers", "0")[0] == 0
+    assert timeouts == [7.0]

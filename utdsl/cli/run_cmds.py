@@ -178,7 +178,10 @@ def eval_cmd(
         from utdsl.runtime.recipes import RecipeError
 
         raise RecipeError(f"--data-cache takes off, memory or device, not '{data_cache}'")
-    ctx = init_distributed(device)
+    from utdsl.runtime.config import locate_checkpoint
+
+    # the run's dist_timeout bounds every wait of a distributed evaluation, as it bounded training
+    ctx = init_distributed(device, timeout=locate_checkpoint(checkpoint)[1].recipe.dist_timeout)
     try:
         result, what = evaluate_checkpoint(
             checkpoint, data=data, data_root=data_root, split=split, batch_size=batch_size,

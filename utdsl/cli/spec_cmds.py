@@ -77,7 +77,9 @@ def compile_cmd(spec: str = SPEC_ARG, model: str = MODEL_OPT, sets: Optional[Lis
                                                    "alone on stdout (the plan goes to stderr)."),
                 num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classifier size."),
                 model_args: Optional[List[str]] = MODEL_ARG_OPT,
-                verify: bool = typer.Option(False, "--verify", help="Build real weights and check identity at init.")) -> None:
+                verify: bool = typer.Option(False, "--verify", help="Build real weights and check identity at init."),
+                yes: bool = typer.Option(False, "--yes", "-y", help="With --verify: build tuners of unusual size "
+                                         "without asking.")) -> None:
     """Compile a spec into a model and print the plan: sites, tuners, parameters."""
     from ..compiler import compile, load_spec
     from ..runtime.models import create_model
@@ -86,10 +88,16 @@ def compile_cmd(spec: str = SPEC_ARG, model: str = MODEL_OPT, sets: Optional[Lis
     checked = load_spec(spec, parse_sets(sets))
     if emit not in (None, "code"):
         raise UtdslError(f"--emit takes 'code', got '{emit}'")
-    net = create_model(model, num_classes=num_classes, device=None if verify else "meta",
-                       **parse_model_args(model_args)).eval()
+    options = parse_model_args(model_args)
+    net = create_model(model, num_classes=num_classes, device="meta", **options).eval()
     tuned = compile(checked, net, model_name=model)
     the_plan = tuned.meta["utdsl"].plan
+    if verify:  # real weights: the plan (from the meta device) is checked before anything is allocated
+        from ..runtime.budget import refuse_large_tuners
+
+        refuse_large_tuners(the_plan.tuner_params, yes, 4, "to build in fp32")
+        net = create_model(model, num_classes=num_classes, **options).eval()
+        tuned = compile(checked, net, model_name=model)
     for warning in the_plan.warnings:
         err_console.print(warning.render(), markup=False, highlight=False, soft_wrap=True)
     # with --emit code, stdout holds the code alone (``> file`` is Python) and the plan goes to
