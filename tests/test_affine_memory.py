@@ -201,3 +201,79 @@ def test_one_device_read_a_forward(monkeypatch, images):
     model(images).sum().backward()
     assert unit._nonzero is False and all(torch.isfinite(p.grad).all() for p in model.parameters()
                                           if p.grad is not None)
+
+
+def _attention_output(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g).requires_grad_(True) for _ in range(3))
+    return F.scaled_dot_product_attention(q, k, v), (q, k, v)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_attention_projection_recomputed_from_attention_output(precision):
+    """An affine after an attention's output projection keeps the attention output (which
+    ``scaled_dot_product_attention`` keeps anyway) and recomputes the projection in the backward,
+    under the same autocast as the forward: the same values and gradients as the plain formula."""
+    proj = nn.Linear(12, 12)
+    scale = (1.0 + 0.5 * torch.randn(12)).requires_grad_(True)
+    shift = (0.1 * torch.randn(12)).requires_grad_(True)
+    params = (proj.weight, proj.bias)
+
+    def run(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            o, qkv = _attention_output(seed=4)
+            h = proj(o.transpose(1, 2).reshape(2, 5, 12))
+            y = fn(h, o)
+        return y.detach(), torch.autograd.grad(y.float().square().sum(), (*qkv, scale, shift))
+
+    want_y, want = run(lambda h, o: torch.addcmul(shift, h, scale))
+    got_y, got = run(lambda h, o: affine(h, scale, shift, o, ("attention_projection", (1, 2)), params))
+    torch.testing.assert_close(got_y, want_y, rtol=0, atol=0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def _proj_units(model):
+    return [m for name, m in model.named_modules() if name.endswith("attn.proj.sequential_affine")]
+
+
+def test_ssf_projection_affines_keep_the_attention_output(images):
+    model = utdsl.compile("ssf", tiny_vit(), images)
+    joints = _proj_units(model)
+    assert len(joints) == 2 and all(j.op == ("attention_projection", (1, 2)) for j in joints)
+    nodes = [n for n in model.graph.nodes if n.op == "call_module" and n.target.endswith("attn.proj.sequential_affine")]
+    assert all(n.kwargs["source"].target is F.scaled_dot_product_attention for n in nodes)
+
+
+def test_ssf_saves_at_most_lora_plus_five_percent(images):
+    """Issue 12's target on a small ViT: SSF's saved activations <= 1.05x LoRA's."""
+    batch = torch.randn(4, 3, 32, 32)
+    ssf = utdsl.compile("ssf", tiny_vit(), images).train()
+    lora = utdsl.compile("lora", tiny_vit(), images).train()
+    assert _saved_bytes(ssf, batch) <= 1.05 * _saved_bytes(lora, batch)
+
+
+def test_projection_affine_recomputes_only_where_attention_keeps_its_output(images, monkeypatch):
+    """The first block's attention needs no gradient (nothing trained before it) and keeps
+    nothing: its affine keeps its output. The second's does (the first affine is upstream), so
+    that affine recomputes from the attention output. Both stay exact."""
+    spec = 'spec p "affine after the output projection only"\nattn.proj -> sequential affine()\n'
+    model = utdsl.compile(spec, tiny_vit(), images).train()
+    _randomize(model)
+    modes = []
+    original = affine_module._AffineFunction.forward
+
+    def spy(ctx, *args):
+        out = original(ctx, *args)
+        modes.append(ctx.mode)
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(affine_module._AffineFunction, "forward", staticmethod(spy))
+        got = _model_grads(model, images)
+    assert modes == ["output", "source"]
+    _plain_affine(monkeypatch)
+    want = _model_grads(model, images)
+    assert set(got) == set(want) and len(want) == 4
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **TOL, msg=name)

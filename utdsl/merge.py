@@ -62,7 +62,11 @@ def merge(model: fx.GraphModule) -> fx.GraphModule:
         restore_weight_form(merged, graph)
         joints = [n for n in graph.nodes if n.op == "call_module" and n.target in mergeable]
         for node in joints:  # a joint's keyword inputs only save memory (an affine's recomputation)
+            inputs = node.kwargs.get("params", ())
             node.kwargs = {}
+            for value in inputs:  # parameter reads made for the recomputation alone
+                if isinstance(value, fx.Node) and value.op == "get_attr" and not value.users:
+                    graph.erase_node(value)
         # output-side folds first: a sequential tuner then sees the linear after it as its only user
         joints.sort(key=lambda n: isinstance(merged.get_submodule(n.target), SequentialJoint))
         for node in joints:

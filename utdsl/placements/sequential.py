@@ -160,9 +160,11 @@ _ACTIVATION_MODULES = {nn.GELU: lambda m: ("gelu", m.approximate), nn.SiLU: lamb
 
 
 def _recomputable(gm: fx.GraphModule, found: Region) -> tuple[tuple, fx.Node, tuple] | None:
-    """(op, input, parameter nodes) when the site computes its value by one operation that keeps
-    its one input for its own backward: an elementwise activation module (``nn.GELU``...) or
-    ``F.layer_norm`` on parameters read by the site; else None."""
+    """(op, input, parameter nodes) when the site computes its value from a tensor that something
+    keeps for its backward anyway: an elementwise activation module (``nn.GELU``...) or
+    ``F.layer_norm`` on parameters read by the site (they keep their input), or an attention's
+    output projection (``nn.Linear``) on the heads of ``scaled_dot_product_attention``'s output
+    (which keeps it), recomputed from that output; else None."""
     nodes = [n for n in found.nodes if n.op != "get_attr"]
     if len(nodes) != 1 or not isinstance(nodes[0].args[0] if nodes[0].args else None, fx.Node):
         return None
@@ -172,10 +174,38 @@ def _recomputable(gm: fx.GraphModule, found: Region) -> tuple[tuple, fx.Node, tu
         describe = _ACTIVATION_MODULES.get(type(module))
         if describe is not None and not getattr(module, "inplace", False):
             return describe(module), node.args[0], ()
+    if node.op == "call_module" and len(node.args) == 1 and not node.kwargs \
+            and type(gm.get_submodule(node.target)) is nn.Linear:
+        found = _attention_output(gm, node.args[0])
+        if found is not None:
+            output, dims = found
+            with gm.graph.inserting_before(node):
+                params = tuple(gm.graph.get_attr(f"{node.target}.{name}")
+                               for name, p in gm.get_submodule(node.target).named_parameters(recurse=False))
+            return ("attention_projection", dims), output, params
     if node.op == "call_function" and node.target is F.layer_norm:
         values = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args)) | dict(node.kwargs)
         params = (values.get("weight"), values.get("bias"))
         if all(p is None or (isinstance(p, fx.Node) and p.op == "get_attr") for p in params) \
                 and isinstance(values.get("normalized_shape"), (tuple, list)):
             return ("layer_norm", (tuple(values["normalized_shape"]), values.get("eps", 1e-5))), values["input"], params
+    return None
+
+
+def _attention_output(gm: fx.GraphModule, value: fx.Node) -> tuple[fx.Node, tuple[int, int]] | None:
+    """(attention node, dims) when ``value`` is ``scaled_dot_product_attention``'s output with
+    axes ``dims`` swapped and reshaped to (..., channels), through ``nn.Identity`` modules
+    (timm's ``x.transpose(1, 2).reshape(B, N, C)``, then ``attn.norm``); else None."""
+    while value.op == "call_module" and type(gm.get_submodule(value.target)) is nn.Identity:
+        value = value.args[0]
+    if not (value.op == "call_method" and value.target in ("reshape", "view")):
+        return None
+    swapped = value.args[0]
+    if not (isinstance(swapped, fx.Node) and swapped.op == "call_method" and swapped.target == "transpose"
+            and len(swapped.args) == 3 and all(isinstance(a, int) for a in swapped.args[1:])):
+        return None
+    output = swapped.args[0]
+    if isinstance(output, fx.Node) and output.op == "call_function" \
+            and output.target is F.scaled_dot_product_attention:
+        return output, tuple(swapped.args[1:])
     return None

@@ -8,6 +8,13 @@ site (IA3 on k and v of a fused qkv) is one full-width affine whose untuned chun
 and shift 0 (:meth:`Affine.chunked_forward`), instead of a split, two maps and a concatenation
 that kept the qkv output twice.
 
+Where something keeps the site's input anyway, the affine keeps that and recomputes h in the
+backward instead: after an activation or a layer norm (they keep their input), and after an
+attention's output projection, whose input is a reshape of ``scaled_dot_product_attention``'s
+output, which that op keeps when q, k or v needs a gradient (one projection matmul more in the
+backward, a B x N x D activation less per block: SSF then keeps what LoRA keeps, within 1 %).
+The recomputation runs under the forward's autocast, so it is bit-equal to the forward's h.
+
 Rebuilding h needs every scale nonzero. That is read from the device once per training forward
 for all the affines of a model together (one :class:`ScaleCheck` that the sequential placement
 gives them all; the first affine to run in a forward reads every scale in one go), not once per
@@ -155,26 +162,35 @@ class ScaleCheck:
         return {"units": self.units, "_asked": set()}
 
 
-#: operations an affine can recompute its input h from in the backward, because they keep their
-#: own input for theirs: name -> h = f(input, argument, parameters)
+def _attention_projection(o: torch.Tensor, dims: tuple, params: tuple, shape: torch.Size) -> torch.Tensor:
+    """h = linear(o with its ``dims`` swapped, reshaped to h's leading axes): an attention's output
+    projection recomputed from the attention output that ``scaled_dot_product_attention`` keeps."""
+    return torch.nn.functional.linear(o.transpose(*dims).reshape(*shape[:-1], -1), *params)
+
+
+#: operations an affine can recompute its input h from in the backward, because something keeps
+#: their input for its own backward: name -> h = f(input, argument, parameters, h's shape)
 RECOMPUTE = {
-    "gelu": lambda u, approximate, _: torch.nn.functional.gelu(u, approximate=approximate),
-    "silu": lambda u, _, __: torch.nn.functional.silu(u),
-    "relu": lambda u, _, __: torch.relu(u),
-    "tanh": lambda u, _, __: torch.tanh(u),
-    "sigmoid": lambda u, _, __: torch.sigmoid(u),
-    "layer_norm": lambda u, shape_eps, wb: torch.nn.functional.layer_norm(u, shape_eps[0], *wb, eps=shape_eps[1]),
+    "gelu": lambda u, approximate, _, __: torch.nn.functional.gelu(u, approximate=approximate),
+    "silu": lambda u, _, __, ___: torch.nn.functional.silu(u),
+    "relu": lambda u, _, __, ___: torch.relu(u),
+    "tanh": lambda u, _, __, ___: torch.tanh(u),
+    "sigmoid": lambda u, _, __, ___: torch.sigmoid(u),
+    "layer_norm": lambda u, shape_eps, wb, _: torch.nn.functional.layer_norm(u, shape_eps[0], *wb,
+                                                                             eps=shape_eps[1]),
+    "attention_projection": _attention_projection,
 }
-#: those whose dtype autocast changes: recomputed only outside autocast
-_AUTOCAST = {"layer_norm"}
+#: those whose input is kept by the op before only when it records a backward (attention keeps
+#: its output only when q, k or v needs a gradient): without that, the source costs memory
+_KEPT_WHEN_RECORDED = {"attention_projection"}
 
 
 def affine(h: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
            source: torch.Tensor | None = None, op: tuple | None = None, params: tuple = (), *,
            keep_output: bool = True) -> torch.Tensor:
     """h * scale + shift on h's last axis (either term may be None). For the backward it keeps
-    ``source`` when h = RECOMPUTE[name](source, argument, params) for ``op = (name, argument)``
-    (that op keeps ``source`` already), else y rather than h where ``keep_output`` says that is
+    ``source`` when h = RECOMPUTE[name](source, argument, params, h.shape) for ``op = (name,
+    argument)`` (something keeps ``source`` already), else y rather than h where ``keep_output`` says that is
     exact (every scale nonzero) and nothing writes into y later, and y is no larger
     (:class:`_AffineFunction`)."""
     if scale is None:
@@ -182,7 +198,7 @@ def affine(h: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | No
     if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and scale.requires_grad):
         # the compiler chooses what to keep itself; without a scale gradient nothing keeps h
         return h * scale if shift is None else torch.addcmul(shift, h, scale)
-    if source is not None and op[0] in _AUTOCAST and torch.is_autocast_enabled(h.device.type):
+    if source is not None and op[0] in _KEPT_WHEN_RECORDED and not source.requires_grad:
         source = None
     return _AffineFunction.apply(h, scale, shift, source, op, tuple(params), keep_output)
 
@@ -197,6 +213,8 @@ class _AffineFunction(torch.autograd.Function):
     def forward(ctx, h, scale, shift, source, op, params, keep_output):
         y = h * scale if shift is None else torch.addcmul(shift, h, scale)
         ctx.mode, ctx.op, ctx.h_dtype, ctx.has_shift = "none", op, h.dtype, shift is not None
+        ctx.h_shape, ctx.device_type = h.shape, h.device.type
+        ctx.autocast = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else None
         ctx.params = params     # the op's parameters (weights: no activation memory)
         if not scale.requires_grad:
             ctx.save_for_backward(None, scale, None)
@@ -222,7 +240,8 @@ class _AffineFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             if ctx.mode == "source":
                 name, argument = ctx.op
-                h = RECOMPUTE[name](value, argument, ctx.params)
+                with torch.autocast(ctx.device_type, dtype=ctx.autocast, enabled=ctx.autocast is not None):
+                    h = RECOMPUTE[name](value, argument, ctx.params, ctx.h_shape)  # as the forward ran it
             elif ctx.mode == "output":
                 h = (value - shift) / scale if shift is not None else value / scale
             else:
