@@ -283,3 +283,42 @@ def test_parse_is_fast_once_the_parser_is_built():
     for _ in range(20):
         parse(text)
     assert (time.perf_counter() - start) / 20 < 0.010
+
+
+def test_nodes_behave_as_frozen_dataclasses():
+    """AST nodes are slotted with a generated ``__init__`` and ``__replace__``
+    (:func:`utdsl.syntax._node`): they construct, compare, hash, copy, pickle and replace as
+    frozen dataclasses do."""
+    import copy
+    import pickle
+
+    (rule,) = parse("blocks[0:2].attn{q, v} -> parallel lowrank(r=-(2), alpha=r * 2)").statements
+    for node in (rule, rule.selector.paths[0], rule.tuner.args[1].value):
+        fields = {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
+        assert type(node)(**fields) == node and hash(type(node)(**fields)) == hash(node)
+        assert pickle.loads(pickle.dumps(node)) == node and copy.deepcopy(node) == node
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            node.span = None
+    assert not hasattr(rule, "__dict__")
+    assert Rule(rule.selector, "p", rule.tuner, rule.span, rule.placement_span).args is None  # defaults
+    changed = rule.__replace__(placement="sequential", origin="x.ut")
+    assert changed == dataclasses.replace(rule, placement="sequential", origin="x.ut") != rule
+    with pytest.raises(TypeError):
+        rule.__replace__(nonsense=1)
+
+
+def test_parsed_nodes_go_to_the_collector_s_oldest_generation():
+    """The nodes of a parse are handed to the oldest generation at once (``keep_as_old``): the
+    next young collection does not walk them; objects the program froze stay frozen."""
+    import gc
+
+    text = "\n".join(f"blocks.{i}.attn.qkv{{q, v}} -> parallel lowrank(r={i}, alpha=2)" for i in range(2000))
+    parse(text)
+    assert gc.get_count()[0] < 100
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        parse(text)
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

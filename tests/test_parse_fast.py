@@ -4,7 +4,9 @@ text lark rejects."""
 
 from __future__ import annotations
 
+import importlib.util
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -113,6 +115,33 @@ def test_invalid_specs_are_declined(text):
     assert fast is None and reference is None
 
 
+# Equal texts at other lines and columns: the fast path reads an argument, index or chunk list once
+# per distinct text (with columns relative to the text); each copy must still get its own spans.
+REPEATED = [
+    "a -> p t(r=1, s=x)\n  b.c -> p t(r=1, s=x)\n\td{q, v} -> p t(r=1, s=x)\ntrain e{q, v}\n  f{q, v} -> p t(r=1, s=x)",
+    'a -> p t(s="x\\"y", f=1.5e3, b=true, n=.5)\n    a -> p t(s="x\\"y", f=1.5e3, b=true, n=.5)',
+    "a{0, 2 of 4} -> p t\nb -> p t(n=1)\n  a {0, 2 of 4} -> p t\nb -> p t(n = 1,)\nb -> p t ( n=1 )",
+    "a.b -> p t(n=1)\nlet x = 1\na.b -> p t(n=1)\nc[0:2].(d | e) -> p t(n=1)\nfreeze ^a{q}",
+    "a -> p t(d=x / 2, e=-1, g=2 * -x + 1 - y)\n\t  b -> p t(d=x / 2, e=-1, g=2 * -x + 1 - y)",
+    "a[0:2, 3] -> p t(d=x / 2, e=-(1), f=(2))\n  b.(c[0:2, 3] | d) -> p t(d=x / 2, e=-(1), f=(2))\nb [ 0:2] -> p t",
+]
+
+
+@pytest.mark.parametrize("text", REPEATED)
+def test_repeated_texts_get_their_own_spans(text):
+    assert_same(text)
+
+
+def test_benchmark_spec_equals_the_reference():
+    """The spec ``benchmarks/parse_speed.py`` times: every kind of line it writes, and the same
+    argument and chunk texts on thousands of lines."""
+    path = Path(__file__).parents[1] / "benchmarks" / "parse_speed.py"
+    module_spec = importlib.util.spec_from_file_location("parse_speed", path)
+    benchmark = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(benchmark)
+    assert_same(benchmark.make_spec(2000))
+
+
 def test_library_specs_equal_the_reference():
     for path in library_specs():
         assert_same(path.read_text(encoding="utf-8"))
@@ -134,6 +163,14 @@ def test_generated_large_spec_equals_the_reference():
 def test_generated_specs_equal_the_reference(lines, data):
     assert_same("\n".join(lines))
     assert_same("# a spec\n\n" + "\n\n".join(noisy(line, data.draw) for line in lines) + "\n")
+
+
+@FUZZ_SPECS
+@given(st.lists(statements, min_size=1, max_size=4), st.lists(st.sampled_from(["", " ", "\t", "    "]), min_size=1))
+def test_repeated_statements_equal_the_reference(lines, indents):
+    """Each statement three times, indented otherwise: what the fast path reads once and reuses
+    (argument and chunk texts) must land at every copy's own lines and columns."""
+    assert_same("\n".join(indents[i % len(indents)] + line for i, line in enumerate(lines * 3)))
 
 
 @FUZZ

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -37,7 +37,7 @@ from .library import locate_spec
 from .errors import Diagnostic, Source, Span, SpecError, did_you_mean, raise_if_any
 from .files import read_spec_text
 from .values import BAD, evaluate, parse_override
-from .collector import collector_paused
+from .collector import collector_paused, keep_as_old
 from .parse import parse
 from .placements import PLACEMENTS
 from .roles import ROLES
@@ -58,6 +58,7 @@ def check(spec: Spec, overrides: Mapping[str, str] | None = None, *,
     checker = _Checker(overrides or {}, search_paths)
     with collector_paused():
         statements, values = checker.file(spec, {}, _stack_of(spec), top=True)
+        keep_as_old()
     header = next((s for s in spec.statements if isinstance(s, Header)), None)
     checker.check_overrides()
     raise_if_any(checker.diagnostics, SpecError)
@@ -110,20 +111,20 @@ class _Checker:
              ) -> tuple[list[Statement], dict[str, Any]]:
         """The checked statements of one file and its own bindings. Headers are checked in the
         ``top`` file only (a used spec's header is ignored)."""
-        scope, own, out = dict(inherited), {}, []
-        headers = [s for s in spec.statements if isinstance(s, Header)]
+        scope, own, out, origin = dict(inherited), {}, [], spec.source.path
+        first_header = next((s for s in spec.statements if isinstance(s, Header)), None)
         for i, statement in enumerate(spec.statements):
             try:
-                if isinstance(statement, Header) and top:
-                    self.header(statement, i, headers[0])
+                if isinstance(statement, Rule):  # most statements: first
+                    out.append(self.rule(statement, scope, origin))
+                elif isinstance(statement, Header) and top:
+                    self.header(statement, i, first_header)
                 elif isinstance(statement, Let):
                     self.let(statement, scope, own, inherited)
                 elif isinstance(statement, Use):
                     out.extend(self.use(statement, spec, scope, stack))
                 elif isinstance(statement, Declare):
                     self.declare(statement, scope)
-                elif isinstance(statement, Rule):
-                    out.append(self.rule(statement, scope, spec.source.path))
                 elif isinstance(statement, (Train, Freeze)):
                     self.selector(statement.selector)
                     out.append(statement)
@@ -239,24 +240,24 @@ class _Checker:
                 self.unknown_hints[key] = (did_you_mean(call.name, [*self.tuner_names(), *self.declared])
                                            or "tuners: " + ", ".join(self.tuner_names()) + declared)
             self.error(f"unknown tuner '{call.name}'", call.name_span, self.unknown_hints[key])
-        values, args, seen = {}, [], {}
+        values, args, seen, evaluated = {}, [], {}, False
         for arg in call.args:
             value = evaluate(arg.value, scope, self.error)
             if arg.name in seen:
                 first = seen[arg.name].span
                 self.error(f"argument '{arg.name}' is given twice", _name_span(arg),
                            f"first given at line {first.line}, column {first.column}")
-            seen.setdefault(arg.name, arg)
-            values.setdefault(arg.name, value)
+            else:
+                seen[arg.name], values[arg.name] = arg, value
             if value is BAD or (type(arg.value) is Literal and arg.value.value is value):
                 args.append(arg)  # already evaluated (a literal, or a checked spec's argument)
             else:
                 args.append(_replace(arg, value=Literal(value, arg.value.span)))
+                evaluated = True
         validated = None
-        if tuner is not None and not any(value is BAD for value in values.values()):
+        if tuner is not None and BAD not in values.values():
             validated = self.validate(tuner, call, values, seen)
-        args = tuple(args)
-        return (call if args == call.args else _replace(call, args=args)), validated
+        return (_replace(call, args=tuple(args)) if evaluated else call), validated
 
     def validate(self, tuner, call: TunerCall, values: dict[str, Any], args: dict[str, Arg]) -> Any:
         """The tuner's pydantic Args, or None after reporting each error at its argument."""
@@ -302,15 +303,15 @@ class _Checker:
 
     def path_segments(self, segments) -> None:
         for segment in segments:
-            if isinstance(segment, Group):
-                for path in segment.paths:
-                    self.path_segments(path.segments)
-            elif isinstance(segment, Name):
+            if type(segment) is Name:  # the usual segment (nodes are final classes)
                 for index in segment.indices:
                     if not index.single and None not in (index.start, index.stop) \
                             and index.stop <= index.start:
                         self.error(f"empty index range [{index}]", index.span,
                                    "a range [a:b] selects a, a+1, ..., b-1")
+            elif type(segment) is Group:
+                for path in segment.paths:
+                    self.path_segments(path.segments)
 
     def chunks(self, chunks: Chunks) -> None:
         hint = "chunks are q, k, v (thirds) or indices with a count: {0, 2 of 4}"
@@ -331,18 +332,10 @@ class _Checker:
             seen.setdefault(index, label)
 
 
-_INIT_FIELDS: dict[type, tuple[str, ...]] = {}
-
-
 def _replace(node, **changes):
-    """``dataclasses.replace`` without its per-call introspection (check makes one per argument
-    and rule: 100,000 rules take seconds with ``replace``)."""
-    names = _INIT_FIELDS.get(type(node))
-    if names is None:
-        names = _INIT_FIELDS.setdefault(type(node), tuple(f.name for f in fields(node) if f.init))
-    values = {name: getattr(node, name) for name in names}
-    values.update(changes)
-    return type(node)(**values)
+    """``dataclasses.replace`` at the cost of one constructor call (check makes one per argument
+    and rule; AST nodes generate ``__replace__``, :func:`utdsl.syntax._node`)."""
+    return node.__replace__(**changes)
 
 
 def _name_span(arg: Arg) -> Span:

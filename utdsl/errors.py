@@ -12,6 +12,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from .records import record
+
 __all__ = [
     "Source",
     "Span",
@@ -48,7 +50,7 @@ class Source:
         return lines[number - 1].rstrip("\r") if 0 < number <= len(lines) else ""
 
 
-@dataclass(frozen=True)
+@record
 class Span:
     """A region of a source: 1-based line and column of its start and end (end exclusive)."""
 

@@ -13,8 +13,9 @@ label of the closest example in :data:`utdsl.syntax_errors.CATALOG`, else the to
 have been accepted, in words. The grammar itself is ``grammar/utdsl.lark``, the language reference.
 
 Speed: a well-formed spec is read by :mod:`utdsl.parse_fast` (the same AST, about 10 times faster
-than lark); anything else, errors included, by lark. Both are linear in the text, and the cyclic
-garbage collector is paused while the nodes are built (:func:`utdsl.collector.collector_paused`).
+than lark); anything else, errors included, by lark. Both are linear in the text. The cyclic
+garbage collector is paused while the nodes are built (:func:`utdsl.collector.collector_paused`)
+and hands them to its oldest generation after (:func:`utdsl.collector.keep_as_old`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedInput, VisitError
 
 from . import syntax as ast
-from .collector import collector_paused
+from .collector import collector_paused, keep_as_old
 from .errors import Diagnostic, Source, Span, SpecError
 from .syntax_errors import diagnose
 
@@ -81,6 +82,7 @@ def parse(text: str, path: str = "<string>") -> ast.Spec:
         statements = parse_statements(text, source)
         if statements is None:
             statements = _parse_with_lark(text, source)
+        keep_as_old()
     header = next((s for s in statements if isinstance(s, ast.Header)), None)
     return ast.Spec(statements, source, name=header.name if header else None,
                     description=header.description if header else "")

@@ -8,6 +8,13 @@ expression keeps the span of what is inside the parentheses, while the node arou
 over them, as lark's ``propagate_positions`` does), the same keyword rules (a statement keyword
 only starts a statement; ``true``/``false`` only in a value; ``of`` only after a chunk).
 
+The usual layouts are read in big steps, as most of a large spec is a few of them repeated: the
+head of a rule whose selector is a plain dotted path (``stage0.blocks.3.attn{q, v} -> parallel
+lowrank``) is one regular-expression match, and an argument, index or chunk list on one line is
+read once per distinct text, by a reader over that text alone (:meth:`_Reader.once`), then placed
+where each copy stands (its columns shifted): on one line, a text reads the same wherever it is.
+Anything else is read token by token.
+
 It never reports anything: on whatever it does not recognise (a syntax error, an integer too long
 to convert, nesting too deep, or syntax it was not taught) it returns None, and ``parse`` runs the
 lark parser, which stays the reference of the language (``grammar/utdsl.lark``) and the only
@@ -19,6 +26,7 @@ a change of what accepted text means must be made here too, and ``tests/test_par
 from __future__ import annotations
 
 import re
+from itertools import accumulate
 
 from . import syntax as ast
 from .errors import Source, Span
@@ -26,13 +34,27 @@ from .parse import _chunk_index, _unescape as _unescape_escapes
 
 __all__ = ["parse_statements"]
 
+_NAME_TEXT = r"[A-Za-z_][A-Za-z0-9_]*"
+_FLOAT_TEXT = r"(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[0-9]+[eE][+-]?[0-9]+"
+_STRING_TEXT = r'"(?:[^"\\\n]|\\[^\n])*"'
+_SEGMENT_TEXT = rf"(?:{_NAME_TEXT}|[0-9]+|\*\*?)"
+
 _WS = re.compile(r"[\t ]*")
 _NL = re.compile(r"(?:\r?\n[\t ]*|#[^\n]*)+")
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NAME = re.compile(_NAME_TEXT)
 _INT = re.compile(r"[0-9]+")
-_FLOAT = re.compile(r"(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[0-9]+[eE][+-]?[0-9]+")
-_STRING = re.compile(r'"(?:[^"\\\n]|\\[^\n])*"')
+_FLOAT = re.compile(_FLOAT_TEXT)
+_STRING = re.compile(_STRING_TEXT)
 _ROLE = re.compile(r"@[A-Za-z_][A-Za-z0-9_]*")
+# Runs of tokens read with one match (the usual layout); anything else is read token by token.
+_DOTTED_TEXT = rf"{_SEGMENT_TEXT}(?:\.{_SEGMENT_TEXT})*"                    # stage0.blocks.3.attn
+_DOTTED = re.compile(_DOTTED_TEXT)
+_ARROW_CALL = re.compile(rf"->[ \t]*({_NAME_TEXT})[ \t]+({_NAME_TEXT})")  # -> parallel lowrank
+_CHUNKS_TEXT = r"\{[^{}\n#]*\}"                                          # {q, v} on one line
+_CHUNKS = re.compile(_CHUNKS_TEXT)
+_PLAIN_RULE = re.compile(rf"({_DOTTED_TEXT})[ \t]*({_CHUNKS_TEXT})?[ \t]*{_ARROW_CALL.pattern}")
+_ARGS = re.compile(rf'\((?:[^()"\n#]|{_STRING_TEXT})*\)')                    # (r=r, alpha=2 * r)
+_INDICES = re.compile(r"\[[^\[\]\n#]*\]")                                 # [0:6, 8] on one line
 _STATEMENT_KEYWORDS = frozenset({"spec", "let", "use", "tuner", "train", "freeze"})
 _BREAKS = frozenset("\r\n#")
 _BLANKS = frozenset(" \t\r\n#")
@@ -54,11 +76,12 @@ def parse_statements(text: str, source: Source) -> tuple | None:
 class _Reader:
     """Recursive descent over ``text``; ``i`` is the offset, ``line``/``start`` the current line
     and the offset it starts at, ``depth`` the bracket nesting (newlines inside brackets are
-    blanks)."""
+    blanks), ``read_before`` what :meth:`once` read."""
 
     def __init__(self, text: str, source: Source):
         self.text, self.n, self.source = text, len(text), source
         self.i, self.line, self.start, self.depth = 0, 1, 0, 0
+        self.read_before: dict[tuple, tuple] = {}
 
     # ---- characters and tokens ----------------------------------------------------------------
 
@@ -121,42 +144,76 @@ class _Reader:
         match = _NAME.match(self.text, self.i)
         return match.group() if match else None
 
+    def once(self, reading, text: str) -> tuple:
+        """``reading(reader)`` of a reader over ``text`` alone (one line, so what it reads does not
+        depend on where the text is, but for columns), once per distinct text: equal texts recur
+        on many rules (``(r=r, alpha=alpha)``, ``{q, v}``, ``[0:6]``)."""
+        key = (reading, text)
+        parts = self.read_before.get(key)
+        if parts is None:
+            reader = _Reader(text, self.source)
+            parts = reading(reader)
+            if reader.i != len(text):
+                raise _Decline
+            self.read_before[key] = parts
+        return parts
+
     # ---- statements ---------------------------------------------------------------------------
 
     def spec(self) -> tuple:
-        statements = []
-        self.skip()
-        self.i = self.newlines(self.i)
-        while True:
-            if self.skip() == "" and self.i >= self.n:
-                return tuple(statements)
+        text, n, statements = self.text, self.n, []
+        self.i = self.newlines(_WS.match(text, 0).end())
+        while self.i < n:
             statements.append(self.statement())
-            self.skip()
-            if self.i >= self.n:
-                return tuple(statements)
-            after = self.newlines(self.i)
-            if after == self.i:
+            end = _WS.match(text, self.i).end()
+            if end >= n:
+                break
+            if text[end] == "\n" and text[end + 1:end + 2] not in _BLANKS:  # the usual: one newline
+                self.i = self.start = end + 1
+                self.line += 1
+                continue
+            self.i = self.newlines(end)
+            if self.i == end:  # not the end of a statement
                 raise _Decline
-            self.i = after
+        return tuple(statements)
 
     def statement(self):
-        self.skip()
         match = _NAME.match(self.text, self.i)
         if match is not None and match.group() in _STATEMENT_KEYWORDS:
             begin = self.line, self.i - self.start + 1
             self.i = match.end()
             return getattr(self, "s_" + match.group())(begin)
-        selector = self.selector()
-        self.skip()
-        if not self.text.startswith("->", self.i):
-            raise _Decline
-        self.i += 2
-        self.skip()
-        placement, p_begin, p_end = self.token(_NAME)
-        call = self.tuner_call()
-        return ast.Rule(selector, placement, call, Span(selector.span.line, selector.span.column,
-                                                        call.span.end_line, call.span.end_column, self.source),
-                        self.span(p_begin, p_end))
+        return self.rule()
+
+    def rule(self) -> ast.Rule:
+        """``SELECTOR -> PLACEMENT TUNER(ARGS)``. The arrow and both names are one match, and so is
+        the whole head of a rule whose selector is a plain dotted path (``stage0.blocks.3.attn``)."""
+        text, i, line, start, source = self.text, self.i, self.line, self.start, self.source
+        match = _PLAIN_RULE.match(text, i)
+        if match is not None:
+            segments = _dotted_segments(match.group(1), line, i - start + 1, source)
+            span = Span(line, i - start + 1, line, match.end(1) - start + 1, source)
+            if match.start(2) < 0:
+                selector = ast.Selector((ast.Path(tuple(segments), span),), span)  # one Span serves both
+            else:
+                chunks = self.cached_chunks(match.group(2), line, match.start(2) - start + 1)
+                selector = ast.Selector((ast.Path(tuple(segments), span, chunks=chunks),),
+                                        Span(line, span.column, line, chunks.span.end_column, source))
+            first = 3
+        else:
+            selector = self.selector()
+            self.skip()
+            match = _ARROW_CALL.match(text, self.i)
+            if match is None:
+                raise _Decline
+            line, start, span, first = self.line, self.start, selector.span, 1
+        placement, name = match.group(first, first + 1)
+        placement_span = Span(line, match.start(first) - start + 1, line, match.end(first) - start + 1, source)
+        self.i = match.end()
+        call = self.call_rest(name, line, match.start(first + 1) - start + 1)
+        return ast.Rule(selector, placement, call,
+                        Span(span.line, span.column, call.span.end_line, call.span.end_column, source),
+                        placement_span)
 
     def s_spec(self, begin):
         self.skip()
@@ -197,21 +254,41 @@ class _Reader:
 
     def tuner_call(self) -> ast.TunerCall:
         self.skip()
-        name, begin, end = self.token(_NAME)
-        name_span = self.span(begin, end)
+        match = _NAME.match(self.text, self.i)
+        if match is None:
+            raise _Decline
+        self.i = match.end()
+        return self.call_rest(match.group(), self.line, match.start() - self.start + 1)
+
+    def call_rest(self, name: str, line: int, column: int) -> ast.TunerCall:
+        """The tuner call whose name (at ``line``, ``column``) was just read: its arguments."""
+        name_span = Span(line, column, line, column + len(name), self.source)
+        if self.skip() != "(":
+            return ast.TunerCall(name, (), name_span, name_span)  # one span for both: they are equal
+        match = _ARGS.match(self.text, self.i)
+        if match is not None:
+            line, base, source = self.line, match.start() - self.start, self.source
+            args = tuple([ast.Arg(name, _moved(value, line, base, source),
+                                  Span(line, base + begin, line, base + end, source))
+                          for name, value, begin, end in self.once(_arg_templates, match.group())])
+            self.i, end = match.end(), (line, base + len(match.group()) + 1)  # after the `)`
+        else:
+            args, end = self.args()
+        return ast.TunerCall(name, args, self.span((line, column), end), name_span)
+
+    def args(self) -> tuple[tuple, tuple[int, int]]:
+        """``(ARG, ...)`` token by token: the arguments and the end of the ``)``."""
+        self.punct("(")
         args = []
-        if self.skip() == "(":
-            self.punct("(")
-            while self.skip() != ")":
-                arg_name, a_begin, a_end = self.token(_NAME)
-                self.punct("=")
-                value, _, v_end = self.expr()
-                args.append(ast.Arg(arg_name, value, self.span(a_begin, v_end)))
-                if self.skip() != ",":
-                    break
-                self.punct(",")
-            _, end = self.punct(")")
-        return ast.TunerCall(name, tuple(args), self.span(begin, end), name_span)
+        while self.skip() != ")":
+            name, begin, _ = self.token(_NAME)
+            self.punct("=")
+            value, _, end = self.expr()
+            args.append(ast.Arg(name, value, self.span(begin, end)))
+            if self.skip() != ",":
+                break
+            self.punct(",")
+        return tuple(args), self.punct(")")[1]
 
     # ---- selectors ----------------------------------------------------------------------------
 
@@ -221,6 +298,8 @@ class _Reader:
             self.punct("|")
             paths.append(self.path())
         first, last = paths[0].span, paths[-1]
+        if len(paths) == 1 and last.chunks is None:
+            return ast.Selector((last,), first)  # the same span: one immutable Span serves both
         end = last.chunks.span if last.chunks is not None else last.span
         return ast.Selector(tuple(paths), Span(first.line, first.column, end.end_line, end.end_column, self.source))
 
@@ -251,11 +330,31 @@ class _Reader:
         return ast.Path(segments, self.span(begin, end), rooted, role, chunks, run)
 
     def segments(self) -> tuple:
-        segments = [self.segment()]
+        segments = self.dotted()
         while self.skip() == ".":
             self.i += 1
             segments.append(self.segment())
         return tuple(segments)
+
+    def dotted(self) -> list:
+        """Segments: a dotted run without blanks (``stage0.blocks.3.attn``) with one match, else
+        the first segment alone (by ``segment``); ``segments`` reads on."""
+        char = self.skip()
+        text, i = self.text, self.i
+        match = _DOTTED.match(text, i) if char != "(" else None
+        if match is None:
+            return [self.segment()]
+        run, end = match.group(), match.end()
+        head, _, last = run.rpartition(".")
+        after = text[end] if end < self.n else ""
+        if last[0] > "9" and (after == "[" or after in _BLANKS and (self.depth or _next_char(text, end) == "[")):
+            # a last name that may take indices (`blocks[0:6]`, `blocks [0]`): `segment` reads it
+            segments = _dotted_segments(head, self.line, i - self.start + 1, self.source) if head else []
+            self.i = end - len(last)
+            segments.append(self.segment())
+            return segments
+        self.i = end
+        return _dotted_segments(run, self.line, i - self.start + 1, self.source)
 
     def segment(self):
         char = self.skip()
@@ -291,6 +390,16 @@ class _Reader:
         return ast.Path(segments, Span(first.line, first.column, last.end_line, last.end_column, self.source))
 
     def indices(self):
+        match = _INDICES.match(self.text, self.i)
+        if match is None:
+            return self.read_indices()
+        line, base, source = self.line, match.start() - self.start, self.source
+        self.i = match.end()
+        return tuple([ast.IndexRange(start, stop, single, Span(line, base + begin, line, base + end, source))
+                      for start, stop, single, begin, end in self.once(_index_templates, match.group())]), \
+            (line, base + len(match.group()) + 1)  # after the `]`
+
+    def read_indices(self):
         self.punct("[")
         ranges = []
         while True:
@@ -318,6 +427,17 @@ class _Reader:
         return tuple(ranges), end
 
     def chunks(self) -> ast.Chunks:
+        match = _CHUNKS.match(self.text, self.i)
+        if match is None:
+            return self.read_chunks()
+        self.i = match.end()
+        return self.cached_chunks(match.group(), self.line, match.start() - self.start + 1)
+
+    def cached_chunks(self, text: str, line: int, column: int) -> ast.Chunks:
+        """The chunks written ``text`` (a ``_CHUNKS`` match) at ``line``, ``column``."""
+        return ast.Chunks(*self.once(_chunk_parts, text), Span(line, column, line, column + len(text), self.source))
+
+    def read_chunks(self) -> ast.Chunks:
         begin, _ = self.punct("{")
         labels, count = [], None
         while True:
@@ -409,6 +529,66 @@ class _Reader:
         if name == "true" or name == "false":
             return ast.Literal(name == "true", span), begin, end
         return ast.Ref(name, span), begin, end
+
+
+# Readings for `_Reader.once`: what a text alone gives, its columns counted from its first character
+# (column 1); at offset `base` from the start of a line, column c is column `base + c` of the line.
+
+def _arg_templates(reader: _Reader) -> tuple:
+    """``(name, value, start column, end column)`` of each argument of ``(...)``."""
+    args, _ = reader.args()
+    return tuple((arg.name, arg.value, arg.span.column, arg.span.end_column) for arg in args)
+
+
+def _index_templates(reader: _Reader) -> tuple:
+    """``(start, stop, single, start column, end column)`` of each range of ``[...]``."""
+    ranges, _ = reader.read_indices()
+    return tuple((r.start, r.stop, r.single, r.span.column, r.span.end_column) for r in ranges)
+
+
+def _chunk_parts(reader: _Reader) -> tuple:
+    """The labels, indices and count of ``{...}``."""
+    chunks = reader.read_chunks()
+    return chunks.labels, chunks.indices, chunks.count
+
+
+def _moved(value, line: int, base: int, source: Source):
+    """The expression ``value`` of a text alone, for that text at offset ``base`` of ``line``."""
+    span = Span(line, base + value.span.column, line, base + value.span.end_column, source)
+    kind = type(value)
+    if kind is ast.Ref:
+        return ast.Ref(value.name, span)
+    if kind is ast.Literal:
+        return ast.Literal(value.value, span)
+    if kind is ast.BinOp:
+        left, right = _moved(value.left, line, base, source), _moved(value.right, line, base, source)
+        return ast.BinOp(value.op, left, right, span)
+    return ast.Neg(_moved(value.operand, line, base, source), span)
+
+
+def _dotted_segments(run: str, line: int, column: int, source: Source) -> list:
+    """The segments of the dotted ``run`` (a ``_DOTTED`` match) that starts at ``line``, ``column``."""
+    parts = run.split(".")
+    columns = accumulate([len(part) + 1 for part in parts], initial=column)
+    if "*" not in run:
+        return [ast.Name(part, Span(line, column, line, column + len(part), source), ())
+                for part, column in zip(parts, columns)]
+    segments = []
+    for part, column in zip(parts, columns):
+        span = Span(line, column, line, column + len(part), source)
+        if part == "*":
+            segments.append(ast.Star(span))
+        elif part == "**":
+            segments.append(ast.GlobStar(span))
+        else:
+            segments.append(ast.Name(part, span, ()))
+    return segments
+
+
+def _next_char(text: str, i: int) -> str:
+    """The character after the spaces and tabs from ``i``, or ''."""
+    i = _WS.match(text, i).end()
+    return text[i] if i < len(text) else ""
 
 
 def _unescape(raw: str) -> str:

@@ -2,6 +2,10 @@
 
 ``parse`` builds these from text; ``check`` returns the same tree with ``let``/``use`` resolved and
 tuner arguments validated (``Rule.args`` then holds a pydantic model instance).
+
+Nodes are slotted (a spec of 100,000 rules is millions of nodes) and built by an ``__init__`` that
+stores each field through its slot (see :func:`utdsl.records.record`); they compare, hash, print, pickle and
+``dataclasses.replace`` as frozen dataclasses do.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from .errors import Source, Span
+from .records import record
 
 __all__ = [
     "Name", "Star", "GlobStar", "Group", "Segment", "IndexRange", "Chunks", "Run", "Path", "Selector",
@@ -18,9 +23,11 @@ __all__ = [
 ]
 
 
+
+
 # ---- selectors -------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record
 class IndexRange:
     """``[a:b]`` (``a`` or ``b`` may be None) or ``[i]`` (``stop`` is None, ``single`` True)."""
 
@@ -40,7 +47,7 @@ class IndexRange:
         return f"{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}"
 
 
-@dataclass(frozen=True)
+@record
 class Name:
     """A literal path segment (``attn``, ``0``), optionally followed by a list of index ranges
     (``blocks[0:6]`` is the segment ``blocks`` followed by one numeric segment in 0..5;
@@ -56,7 +63,7 @@ class Name:
         return f"{self.text}[{', '.join(map(str, self.indices))}]"
 
 
-@dataclass(frozen=True)
+@record
 class Star:
     """``*``: exactly one segment."""
 
@@ -66,7 +73,7 @@ class Star:
         return "*"
 
 
-@dataclass(frozen=True)
+@record
 class GlobStar:
     """``**``: zero or more segments."""
 
@@ -76,7 +83,7 @@ class GlobStar:
         return "**"
 
 
-@dataclass(frozen=True)
+@record
 class Group:
     """``(attn | mlp.fc1)``: one of several sub-paths."""
 
@@ -90,7 +97,7 @@ class Group:
 Segment = Union[Name, Star, GlobStar, Group]
 
 
-@dataclass(frozen=True)
+@record
 class Chunks:
     """``{q, v}`` or ``{0, 2 of 3}``: parts of a fused output along its feature dimension."""
 
@@ -105,7 +112,7 @@ class Chunks:
         return "{" + ", ".join(self.labels) + f" of {self.count}" + "}"
 
 
-@dataclass(frozen=True)
+@record
 class Run:
     """``(norm2 .. drop_path2)`` after a path: a span site inside the selected module, from the
     input of its child ``start`` to the output of its child ``end`` (``inclusive``), or to the value
@@ -120,7 +127,7 @@ class Run:
         return f"({self.start} {'..' if self.inclusive else '..<'} {self.end})"
 
 
-@dataclass(frozen=True)
+@record
 class Path:
     """Dotted segments; matches any module path ending so unless ``rooted`` (written ``^a.b``).
     With a ``role`` (written ``@classifier.bias``) the segments follow the module(s) playing that
@@ -141,7 +148,7 @@ class Path:
         return text + (str(self.span_site) if self.span_site else "") + (str(self.chunks) if self.chunks else "")
 
 
-@dataclass(frozen=True)
+@record
 class Selector:
     """Alternatives ``a | b{q, v}``; each path's ``chunks`` restricts its matches to parts of
     their output."""
@@ -155,13 +162,13 @@ class Selector:
 
 # ---- expressions -----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record
 class Literal:
     value: int | float | str | bool
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class Ref:
     """A reference to a ``let`` binding (bare identifiers that are not bindings are strings)."""
 
@@ -169,7 +176,7 @@ class Ref:
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class BinOp:
     op: str  # one of + - * /
     left: "Expr"
@@ -177,7 +184,7 @@ class BinOp:
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class Neg:
     operand: "Expr"
     span: Span
@@ -188,14 +195,14 @@ Expr = Union[Literal, Ref, BinOp, Neg]
 
 # ---- statements ------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record
 class Arg:
     name: str
     value: Expr
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class TunerCall:
     name: str
     args: tuple[Arg, ...]
@@ -203,7 +210,7 @@ class TunerCall:
     name_span: Span
 
 
-@dataclass(frozen=True)
+@record
 class Header:
     """``spec NAME "description"``."""
 
@@ -212,14 +219,14 @@ class Header:
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class Let:
     name: str
     value: Expr
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class Use:
     """``use "other.ut"``; ``path_span`` is the span of the string."""
 
@@ -228,7 +235,7 @@ class Use:
     path_span: Span | None = None
 
 
-@dataclass(frozen=True)
+@record
 class Declare:
     """``tuner NAME = TUNER(ARGS)``: a tuner configuration that rules use by name."""
 
@@ -238,7 +245,7 @@ class Declare:
     name_span: Span
 
 
-@dataclass(frozen=True)
+@record
 class Rule:
     """``SELECTOR -> PLACEMENT TUNER(ARGS)``.
 
@@ -258,13 +265,13 @@ class Rule:
     declaration: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class Train:
     selector: Selector
     span: Span
 
 
-@dataclass(frozen=True)
+@record
 class Freeze:
     selector: Selector
     span: Span
