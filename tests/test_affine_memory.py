@@ -277,3 +277,25 @@ def test_projection_affine_recomputes_only_where_attention_keeps_its_output(imag
     assert set(got) == set(want) and len(want) == 4
     for name in want:
         torch.testing.assert_close(got[name], want[name], **TOL, msg=name)
+
+
+@pytest.mark.parametrize("name, options, size", [
+    ("eva02_tiny_patch14_224", dict(depth=2), 56),                               # rotary, SwiGLU, split q/k/v
+    ("beit_base_patch16_224", dict(depth=2, embed_dim=96, num_heads=2), 32),     # relative position bias
+])
+def test_ssf_recomputes_projections_exactly_on_other_families(name, options, size, monkeypatch):
+    import timm
+
+    torch.manual_seed(0)
+    base = timm.create_model(name, num_classes=5, img_size=size, **options).train()
+    x = torch.randn(2, 3, size, size)
+    model = utdsl.compile("ssf", base, x)
+    sources = [n.kwargs["source"] for n in model.graph.nodes if n.op == "call_module" and "source" in n.kwargs]
+    assert sum(s.target is F.scaled_dot_product_attention for s in sources) == 2
+    _randomize(model)
+    got = _model_grads(model, x)
+    _plain_affine(monkeypatch)
+    want = _model_grads(model, x)
+    assert set(got) == set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], **TOL, msg=key)

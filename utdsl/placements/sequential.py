@@ -84,6 +84,8 @@ class Sequential(Placement):
             op, source, params = found_op
             if joint.op in (None, op):
                 joint.op = op
+                with gm.graph.inserting_before(node):  # parameters named by path are read here
+                    params = tuple(gm.graph.get_attr(p) if isinstance(p, str) else p for p in params)
                 node.kwargs = {"source": source, "params": params}
 
     @classmethod
@@ -160,8 +162,8 @@ _ACTIVATION_MODULES = {nn.GELU: lambda m: ("gelu", m.approximate), nn.SiLU: lamb
 
 
 def _recomputable(gm: fx.GraphModule, found: Region) -> tuple[tuple, fx.Node, tuple] | None:
-    """(op, input, parameter nodes) when the site computes its value from a tensor that something
-    keeps for its backward anyway: an elementwise activation module (``nn.GELU``...) or
+    """(op, input, parameters as nodes or paths) when the site computes its value from a tensor
+    that something keeps for its backward anyway: an elementwise activation module (``nn.GELU``...) or
     ``F.layer_norm`` on parameters read by the site (they keep their input), or an attention's
     output projection (``nn.Linear``) on the heads of ``scaled_dot_product_attention``'s output
     (which keeps it), recomputed from that output; else None."""
@@ -179,10 +181,9 @@ def _recomputable(gm: fx.GraphModule, found: Region) -> tuple[tuple, fx.Node, tu
         found = _attention_output(gm, node.args[0])
         if found is not None:
             output, dims = found
-            with gm.graph.inserting_before(node):
-                params = tuple(gm.graph.get_attr(f"{node.target}.{name}")
-                               for name, p in gm.get_submodule(node.target).named_parameters(recurse=False))
-            return ("attention_projection", dims), output, params
+            names = tuple(f"{node.target}.{name}" for name, _ in
+                          gm.get_submodule(node.target).named_parameters(recurse=False))
+            return ("attention_projection", dims), output, names
     if node.op == "call_function" and node.target is F.layer_norm:
         values = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args)) | dict(node.kwargs)
         params = (values.get("weight"), values.get("bias"))
