@@ -198,8 +198,8 @@ def test_a_lost_rank_is_a_clean_error_at_once(tmp_path):
 
 WRAPPER = '''
 import os, sys, time
-from utdsl.runtime import train
-real = train.make_loader
+from utdsl.runtime import fit
+real = fit.make_loader
 def make_loader(*args, **kwargs):
     for i, batch in enumerate(real(*args, **kwargs)):
         if i == 1 and os.environ["RANK"] == "1":
@@ -207,7 +207,7 @@ def make_loader(*args, **kwargs):
                 os._exit(3)
             time.sleep(600)
         yield batch
-train.make_loader = make_loader
+fit.make_loader = make_loader
 from utdsl.cli import main
 main(sys.argv[1:])
 '''
