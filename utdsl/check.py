@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -219,8 +218,8 @@ class _Checker:
                 self.error(f"'{declaration.name}' is a declared tuner; its arguments are given where it is "
                            f"declared (line {declaration.span.line})", rule.tuner.span,
                            f"write '-> {rule.placement} {declaration.name}'")
-            rule = replace(rule, tuner=replace(call, span=rule.tuner.span, name_span=rule.tuner.name_span),
-                           declaration=declaration.name)
+            rule = _replace(rule, tuner=_replace(call, span=rule.tuner.span, name_span=rule.tuner.name_span),
+                            declaration=declaration.name)
         else:
             call, validated = self.tuner_call(rule.tuner, scope)
         tuner = self.tuner(call.name)
@@ -334,7 +333,7 @@ class _Checker:
 
 def _replace(node, **changes):
     """``dataclasses.replace`` at the cost of one constructor call (check makes one per argument
-    and rule; AST nodes generate ``__replace__``, :func:`utdsl.syntax._node`)."""
+    and rule; AST nodes generate ``__replace__``, :func:`utdsl.records.record`)."""
     return node.__replace__(**changes)
 
 

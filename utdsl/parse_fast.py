@@ -11,9 +11,9 @@ only starts a statement; ``true``/``false`` only in a value; ``of`` only after a
 The usual layouts are read in big steps, as most of a large spec is a few of them repeated: the
 head of a rule whose selector is a plain dotted path (``stage0.blocks.3.attn{q, v} -> parallel
 lowrank``) is one regular-expression match, and an argument, index or chunk list on one line is
-read once per distinct text, by a reader over that text alone
-(:meth:`utdsl.parse_scan._Scanner.once`), then placed
-where each copy stands (its columns shifted): on one line, a text reads the same wherever it is.
+read once per distinct text, by a reader over that text alone (:meth:`utdsl.parse_scan._Scanner.once`),
+then placed where each copy stands (its columns shifted): on one line, a text reads the same
+wherever it is.
 Anything else is read token by token.
 
 It never reports anything: on whatever it does not recognise (a syntax error, an integer too long

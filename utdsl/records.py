@@ -44,6 +44,4 @@ def record(cls: type) -> type:
     return cls
 
 
-
-
 _KEEP: Any = object()  # a field that ``__replace__`` leaves as it is

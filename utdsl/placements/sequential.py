@@ -178,9 +178,9 @@ def _recomputable(gm: fx.GraphModule, found: Region) -> tuple[tuple, fx.Node, tu
             return describe(module), node.args[0], ()
     if node.op == "call_module" and len(node.args) == 1 and not node.kwargs \
             and type(gm.get_submodule(node.target)) is nn.Linear:
-        found = _attention_output(gm, node.args[0])
-        if found is not None:
-            output, dims = found
+        attention = _attention_output(gm, node.args[0])
+        if attention is not None:
+            output, dims = attention
             names = tuple(f"{node.target}.{name}" for name, _ in
                           gm.get_submodule(node.target).named_parameters(recurse=False))
             return ("attention_projection", dims), output, names
