@@ -200,7 +200,8 @@ class _Session:
         sampler = EpochSampler(len(self.train_set), seed=recipe.seed, epoch=epoch, rank=ctx.rank,
                                world_size=ctx.world_size, start=state.batch * recipe.batch_size)
         loader = make_loader(self.train_set, sampler, batch_size=recipe.batch_size, seed=recipe.seed,
-                             num_workers=self.num_workers, device=ctx.device, rank=ctx.rank)
+                             num_workers=self.num_workers, device=ctx.device, rank=ctx.rank,
+                             decode=recipe.decode)
         epoch_start, seen = time.perf_counter(), 0
         self.net.train()
         for images, targets in loader:

@@ -77,6 +77,9 @@ class Recipe(BaseModel):
     data_cache: Literal["off", "memory", "device"] = Field(
         "off", description="decode and resize images once, keep uint8 tensors (in memory or on the "
         "device) and augment batches on tensors")
+    decode: Literal["workers", "device"] = Field(
+        "workers", description="where training images are decoded: in the loader workers, or on the "
+        "training device (nvjpeg on a GPU; the workers only read files and draw crops)")
 
     @model_validator(mode="after")
     def _lr_order(self) -> "Recipe":

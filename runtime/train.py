@@ -69,6 +69,9 @@ def train(config: RunConfig | None, run_dir: str | os.PathLike, *, resume: bool 
     quiet = echo if ctx.is_main else None
     train_set = scan_images(build_data(config, recipe.train_split, train=True), bad_images, quiet)
     warn_if_one_class(train_set, quiet)
+    if recipe.decode == "device" and ctx.device.type == "cpu" and quiet is not None:
+        quiet("decode=device on the CPU decodes in the training process, one image at a time, which "
+              "is slower than the loader workers (decode=workers); it is meant for a GPU")
     eval_set = (scan_images(build_data(config, recipe.eval_split, train=False), bad_images, quiet)
                 if recipe.eval_split else None)
     if recipe.data_cache != "off":

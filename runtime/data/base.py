@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -88,13 +89,34 @@ class ImageListDataset(Dataset):
             raise DataError(f"data set '{self.info.spec}': cannot read image '{self.samples[index][0]}': "
                             f"{error}") from None
 
-    def _bytes(self, index: int):
-        from torchvision.io import read_file
+    def encoded_item(self, index: int, generator=None):
+        """The image as the device decoder takes it (:func:`~.device_decode.encode_sample`: the
+        file's bytes and its geometry drawn from ``generator``), and its label."""
+        from .device_decode import encode_sample
 
+        try:
+            path = self.samples[index][0]
+            return encode_sample(self.transform, self._bytes(index), generator, path), self.targets[index]
+        except (RuntimeError, UnidentifiedImageError, OSError) as error:
+            raise DataError(f"data set '{self.info.spec}': cannot read image '{self.samples[index][0]}': "
+                            f"{error}") from None
+
+    def _bytes(self, index: int):
+        """The file's bytes as a uint8 tensor whose memory torch allocated (``torchvision.io.read_file``'s
+        tensors hang a DataLoader that sends them between processes)."""
         path = self.samples[index][0]
-        if not os.path.isfile(path):
-            raise self._missing(path)
-        return read_file(path)
+        try:
+            with open(path, "rb", buffering=0) as file:
+                data = torch.empty(os.fstat(file.fileno()).st_size, dtype=torch.uint8)
+                view, done = memoryview(data.numpy()), 0
+                while done < len(view):
+                    count = file.readinto(view[done:])
+                    if not count:
+                        raise OSError("the file got shorter while it was read")
+                    done += count
+        except FileNotFoundError:
+            raise self._missing(path) from None
+        return data
 
     def _missing(self, path: str) -> DataError:
         return DataError(f"data set '{self.info.spec}': image '{path}' does not exist",

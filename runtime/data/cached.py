@@ -205,24 +205,31 @@ class CachedLoader:
 
 
 def make_loader(dataset: Dataset, sampler, *, batch_size: int, seed: int = 0, num_workers: int = 0,
-                device: torch.device | None = None, rank: int = 0):
+                device: torch.device | None = None, rank: int = 0, decode: str = "workers"):
     """The loader the training loop and evaluation iterate: a :class:`CachedLoader` for a cached
-    split, the uint8 loader of :mod:`.loading` for image files read through its pipeline, else a
-    ``DataLoader`` over ``SeededDataset(dataset, seed)`` with ``sampler`` (its worker processes
-    ignore SIGINT: the loop handles Ctrl-C)."""
+    split, the uint8 loader of :mod:`.loading` for image files read through its pipeline (with
+    ``decode="device"``, :mod:`.device_decode`'s: decoded on ``device``), else a ``DataLoader``
+    over ``SeededDataset(dataset, seed)`` with ``sampler`` (its worker processes ignore SIGINT:
+    the loop handles Ctrl-C)."""
     if isinstance(dataset, CachedDataset):
         return CachedLoader(dataset, sampler, batch_size, seed, device, rank)
     from ..distributed import SeededDataset
     from ..guard import ignore_sigint
     from .loading import uint8_loader, uses_uint8
 
+    worker_init_fn = ignore_sigint if num_workers else None
     if uses_uint8(dataset):
+        if decode == "device":
+            from .device_decode import device_decode_loader
+
+            return device_decode_loader(dataset, sampler, batch_size=batch_size, seed=seed, num_workers=num_workers,
+                                        device=device, worker_init_fn=worker_init_fn)
         return uint8_loader(dataset, sampler, batch_size=batch_size, seed=seed, num_workers=num_workers,
-                            device=device, worker_init_fn=ignore_sigint if num_workers else None)
+                            device=device, worker_init_fn=worker_init_fn)
 
     return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, pin_memory=device is not None and device.type == "cuda",
-                      worker_init_fn=ignore_sigint if num_workers else None)
+                      worker_init_fn=worker_init_fn)
 
 
 def _available_bytes(device: torch.device | None) -> int | None:

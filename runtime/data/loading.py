@@ -18,7 +18,9 @@ time and the resize a sixth. Decoding at a reduced DCT scale (``PIL.Image.draft`
 keeps the output from being enlarged only where the crop is at least twice the output on each
 side, which a 500x375 image never is at 224 px, and where it applies (1024x683 and 1600x1067
 photographs at half scale) it saved 10-15% while moving pixels by up to ~25 levels, libjpeg's
-Huffman decoding, which no scale skips, being most of the time.
+Huffman decoding, which no scale skips, being most of the time. Where the loader's CPUs cannot keep
+up, :mod:`.device_decode` moves the decode to the GPU, with the geometry :meth:`TensorPipeline.plan`
+draws here.
 
 Loading (:func:`uint8_loader`): each sample draws from its own generator seeded with
 ``mix_seed(seed, epoch, index)``, the seed :class:`~utdsl.runtime.distributed.SeededDataset` gives
@@ -37,7 +39,7 @@ import functools
 import math
 import os
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
-__all__ = ["TensorPipeline", "DeviceBatches", "uint8_loader", "default_workers", "cpu_quota"]
+__all__ = ["Geometry", "TensorPipeline", "DeviceBatches", "uint8_loader", "default_workers", "cpu_quota"]
 
 
 def default_workers() -> int:
@@ -91,6 +93,16 @@ def cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
     return None
 
 
+class Geometry(NamedTuple):
+    """What :class:`TensorPipeline` does to one image: cut ``crop`` (top, left, height, width;
+    None: the whole image), resize to ``resize`` (height, width), cut ``center`` from that, flip."""
+
+    crop: tuple[int, int, int, int] | None
+    resize: tuple[int, int]
+    center: tuple[int, int, int, int] | None
+    flip: bool
+
+
 class TensorPipeline:
     """Image file bytes (or a PIL image) -> uint8 ``(3, H, W)`` tensor, augmented as the PIL
     pipeline of :func:`~.transforms.build_transforms` with the same arguments; called as a
@@ -126,17 +138,35 @@ class TensorPipeline:
     def hwc(self, source: Any, generator: torch.Generator | None = None) -> torch.Tensor:
         """:meth:`uint8` as the contiguous ``(H, W, 3)`` array it is computed in."""
         image = decode(source)                      # (H, W, 3) rows
-        height, width = image.shape[:2]
-        if self.random_crop:
-            top, left, h, w = crop_params(height, width, self.scale, self.ratio, generator)
-            out = self._resize(image[top:top + h, left:left + w], self.size)
-        elif self.crop_pct >= 1.0:
-            out = self._resize(image, self.size)
-        else:
-            out = self._center(image, height, width)
-        if self.hflip and torch.rand(1, generator=generator).item() < 0.5:   # RandomHorizontalFlip's draw
-            out = out.flip(1)
+        out = self.apply(image, self.plan(*image.shape[:2], generator))
         return out if out.is_contiguous() else out.contiguous()
+
+    def plan(self, height: int, width: int, generator: torch.Generator | None = None) -> Geometry:
+        """The geometry of an image of ``height`` x ``width``, its random draws (the crop box, then
+        the flip) from ``generator`` (None: torch's global one) in the PIL pipeline's order."""
+        crop = center = None
+        if self.random_crop:
+            crop, resize = crop_params(height, width, self.scale, self.ratio, generator), self.size
+        elif self.crop_pct >= 1.0:
+            resize = self.size
+        else:
+            resize = self._center_resize(height, width)
+            out_h, out_w = self.size
+            top, left = int(round((resize[0] - out_h) / 2.0)), int(round((resize[1] - out_w) / 2.0))
+            center = (top, left, out_h, out_w)
+        flip = self.hflip and torch.rand(1, generator=generator).item() < 0.5   # RandomHorizontalFlip's draw
+        return Geometry(crop, tuple(resize), center, flip)
+
+    def apply(self, image: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """``(H, W, 3)`` uint8 rows cut, resized and flipped as ``geometry`` says."""
+        if geometry.crop is not None:
+            top, left, h, w = geometry.crop
+            image = image[top:top + h, left:left + w]
+        image = self._resize(image, geometry.resize)
+        if geometry.center is not None:
+            top, left, h, w = geometry.center
+            image = image[top:top + h, left:left + w]
+        return image.flip(1) if geometry.flip else image
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, 3, H, W)`` of any layout on any device -> contiguous float32 normalised
@@ -150,21 +180,13 @@ class TensorPipeline:
         torch.div(images, 255, out=out)             # the layout change rides on the first pass
         return out.sub_(mean).div_(std)
 
-    def _center(self, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Resize (the shorter side to ``size / crop_pct``, as ``T.Resize(int)``) and center-crop."""
+    def _center_resize(self, height: int, width: int) -> tuple[int, int]:
+        """The evaluation resize: the shorter side to ``size / crop_pct``, as ``T.Resize(int)``."""
         out_h, out_w = self.size
-        if out_h == out_w:
-            short = math.floor(out_h / self.crop_pct)
-            if height <= width:
-                target = (short, int(short * width / height))
-            else:
-                target = (int(short * height / width), short)
-        else:
-            target = (math.floor(out_h / self.crop_pct), math.floor(out_w / self.crop_pct))
-        resized = self._resize(image, target)
-        top = int(round((resized.shape[0] - out_h) / 2.0))
-        left = int(round((resized.shape[1] - out_w) / 2.0))
-        return resized[top:top + out_h, left:left + out_w]
+        if out_h != out_w:
+            return math.floor(out_h / self.crop_pct), math.floor(out_w / self.crop_pct)
+        short = math.floor(out_h / self.crop_pct)
+        return (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
 
     def _resize(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """``(h, w, 3)`` uint8 (rows of any stride) -> ``(H, W, 3)``, contiguous unless unchanged."""
@@ -234,10 +256,9 @@ def crop_params(height: int, width: int, scale: tuple[float, float], ratio: tupl
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-class _Uint8Items(Dataset):
-    """``dataset.uint8_item(index, generator)`` by ``(epoch, index)``, each from a generator of
-    its own seeded with ``mix_seed(seed, epoch, index)``, as a contiguous ``(H, W, 3)`` array:
-    a batch of them is one memory copy a sample (a channels-last view is ~10x slower to stack)."""
+class SeededItems(Dataset):
+    """:meth:`item` of ``dataset`` by ``(epoch, index)``, each from a generator of its own seeded
+    with ``mix_seed(seed, epoch, index)``."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -249,7 +270,17 @@ class _Uint8Items(Dataset):
         from ..distributed import mix_seed
 
         epoch, index = key
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
+        return self.item(index, torch.Generator().manual_seed(mix_seed(self.seed, epoch, index)))
+
+    def item(self, index: int, generator: torch.Generator):
+        raise NotImplementedError
+
+
+class _Uint8Items(SeededItems):
+    """``dataset.uint8_item`` as a contiguous ``(H, W, 3)`` array: a batch of them is one memory
+    copy a sample (a channels-last view is ~10x slower to stack)."""
+
+    def item(self, index: int, generator: torch.Generator):
         image, label = self.dataset.uint8_item(index, generator)
         return image.permute(1, 2, 0).contiguous(), label    # (3, H, W) view -> its (H, W, 3) rows
 

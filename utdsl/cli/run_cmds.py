@@ -65,6 +65,8 @@ def train_cmd(
                                                  help="Recipe channels_last (for CNNs)."),
     data_cache: Optional[str] = typer.Option(None, "--data-cache", help="Recipe data_cache: off, memory or "
                                              "device (decode and resize images once, augment on tensors)."),
+    decode: Optional[str] = typer.Option(None, "--decode", help="Recipe decode: where training JPEGs are "
+                                         "decoded, workers or device (nvjpeg on a GPU)."),
     log_to: Optional[str] = typer.Option(None, "--log-to", help="Also log to these backends: wandb, mlflow "
                                          "(comma-separated; metrics.jsonl and TensorBoard always)."),
     model_arg: list[str] = typer.Option([], "--model-arg", help="timm.create_model argument: --model-arg depth=6."),
@@ -98,7 +100,8 @@ def train_cmd(
                   optimizer=optimizer, warmup_epochs=warmup_epochs, grad_accum=grad_accum,
                   label_smoothing=label_smoothing, precision=precision, input_size=input_size,
                   ema_decay=ema_decay, mixup_alpha=mixup, cutmix_alpha=cutmix, drop_path_rate=drop_path,
-                  layer_decay=layer_decay, channels_last=channels_last, data_cache=data_cache)
+                  layer_decay=layer_decay, channels_last=channels_last, data_cache=data_cache,
+                  decode=decode)
     overrides = {**parse_assignments(override), **{k: v for k, v in values.items() if v is not None}}
     lets = parse_assignments(set_, "--set")
     model_kwargs = parse_model_args(model_arg)
