@@ -16,7 +16,8 @@ from torchvision import transforms as T
 from utdsl.errors import DataError
 from utdsl.runtime.data import build_dataset, build_transforms
 from utdsl.runtime.data.cached import make_loader
-from utdsl.runtime.data.loading import DeviceBatches, TensorPipeline, cpu_quota, crop_params, default_workers
+from utdsl.runtime.data.loading import DeviceBatches, TensorPipeline, crop_params
+from utdsl.runtime.data.workers import cpu_quota, default_workers
 from utdsl.runtime.distributed import EpochSampler, SeededDataset
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -159,14 +160,14 @@ def test_unreadable_image_is_a_data_error(tree, tmp_path):
 
 def test_default_workers_share_the_cores(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    monkeypatch.setattr("utdsl.runtime.data.loading.cpu_quota", lambda: None)
+    monkeypatch.setattr("utdsl.runtime.data.workers.cpu_quota", lambda: None)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert default_workers() == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert default_workers() == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
     assert default_workers() == 1
-    monkeypatch.setattr("utdsl.runtime.data.loading.cpu_quota", lambda: 2.5)   # a container's --cpus 2.5
+    monkeypatch.setattr("utdsl.runtime.data.workers.cpu_quota", lambda: 2.5)   # a container's --cpus 2.5
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert default_workers() == 3
 

@@ -20,7 +20,7 @@ def _workers(requested: Optional[int]) -> int:
     """``--num-workers``, by default the cores this process may use shared by its node's processes."""
     if requested is not None:
         return requested
-    from utdsl.runtime.data.loading import default_workers
+    from utdsl.runtime.data.workers import default_workers
 
     return default_workers()
 
