@@ -94,12 +94,11 @@ class ImageListDataset(Dataset):
         file's bytes and its geometry drawn from ``generator``), and its label."""
         from .device_decode import encode_sample
 
+        path = self.samples[index][0]
         try:
-            path = self.samples[index][0]
             return encode_sample(self.transform, self._bytes(index), generator, path), self.targets[index]
         except (RuntimeError, UnidentifiedImageError, OSError) as error:
-            raise DataError(f"data set '{self.info.spec}': cannot read image '{self.samples[index][0]}': "
-                            f"{error}") from None
+            raise DataError(f"data set '{self.info.spec}': cannot read image '{path}': {error}") from None
 
     def _bytes(self, index: int):
         """The file's bytes as a uint8 tensor whose memory torch allocated (``torchvision.io.read_file``'s

@@ -19,6 +19,7 @@ not RGB or grey (CMYK), are decoded and transformed in the worker, as the worker
 from __future__ import annotations
 
 import io
+import re
 from typing import Any, Iterator, NamedTuple
 
 import torch
@@ -156,8 +157,9 @@ class DeviceDecodedBatches:
 
 
 def _reason(error: RuntimeError) -> str:
-    """The decoder's own words of an error (torchvision prefixes its source file and line)."""
-    return str(error).rsplit(", ", 1)[-1].strip()
+    """The decoder's own words of an error, without the function, source file and line that
+    torchvision puts before them (``decode_jpeg, .../decode_jpeg.cpp:171, Image is ...``)."""
+    return re.sub(r"^.*?\.(?:cpp|cu|h):\d+, ", "", str(error)).strip()
 
 
 def device_decode_loader(dataset: Dataset, sampler, *, batch_size: int, seed: int, num_workers: int,

@@ -28,7 +28,6 @@ torch's global generator, so a sample's augmentation is the one the PIL pipeline
 resumed run draws what the uninterrupted one drew; no global random state is saved or restored.
 :class:`DeviceBatches` moves each uint8 batch to the device and normalises it there (``x / 255``,
 ``- mean``, ``/ std``, as ToTensor and Normalize do).
-
 """
 
 from __future__ import annotations
