@@ -5,7 +5,9 @@
 # 1. the tests that need a GPU (nvjpeg decoding against the CPU pipeline); a bf16 run over nccl;
 # 2. the train-step benchmark on ViT-B/16 in bf16 at batch 64 (README: "GPU");
 # 3. the training data pipeline with decode=device on the GPU (README: "Training data pipeline").
-# Each step's output goes to OUT_DIR; a failing step does not stop the others.
+# Each step's output goes to OUT_DIR; a failing step does not stop the others, and each has a time
+# limit, the whole under 10 minutes (the device tool's limit for one command): a step cut short
+# leaves what it printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu_check}}"
@@ -22,15 +24,15 @@ if [ ! -x "$python" ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 status=0
-"$python" -m pytest -q -p no:cacheprovider -rs tests/runtime/test_device_decode.py > "$out/tests.txt" 2>&1 || status=1
+timeout 90 "$python" -m pytest -q -p no:cacheprovider -rs tests/runtime/test_device_decode.py > "$out/tests.txt" 2>&1 || status=1
 # bf16 autocast and the nccl path end to end (one process group of one GPU), then eval of the run
-"$python" -m torch.distributed.run --nproc-per-node 1 -m utdsl train lora --model vit_t16 --data digits \
+timeout 120 "$python" -m torch.distributed.run --nproc-per-node 1 -m utdsl train lora --model vit_t16 --data digits \
     --epochs 1 --input-size 64 --precision bf16 --device cuda --no-progress --out "$out/run" \
     > "$out/train.txt" 2>&1 || status=1
-"$python" -m utdsl eval "$out/run" --device cuda >> "$out/train.txt" 2>&1 || status=1
-"$python" benchmarks/train_step.py --model vit_b16 --device cuda --precision bf16 --batch-size 64 \
+timeout 45 "$python" -m utdsl eval "$out/run" --device cuda >> "$out/train.txt" 2>&1 || status=1
+timeout 200 "$python" benchmarks/train_step.py --model vit_b16 --device cuda --precision bf16 --batch-size 64 \
     --json "$out/train_step.json" > "$out/train_step.txt" 2>&1 || status=1
-"$python" benchmarks/data_loading.py --device cuda --rounds 5 --json "$out/data_loading.json" \
+timeout 90 "$python" benchmarks/data_loading.py --device cuda --rounds 5 --json "$out/data_loading.json" \
     > "$out/data_loading.txt" 2>&1 || status=1
 tail -n 3 "$out"/*.txt
 exit $status
