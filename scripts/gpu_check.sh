@@ -24,6 +24,7 @@ if [ ! -x "$python" ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 status=0
+export PYTHONUNBUFFERED=1     # what a step cut short had printed reaches its file
 timeout 90 "$python" -m pytest -q -p no:cacheprovider -rs tests/runtime/test_device_decode.py > "$out/tests.txt" 2>&1 || status=1
 # bf16 autocast and the nccl path end to end (one process group of one GPU), then eval of the run
 timeout 120 "$python" -m torch.distributed.run --nproc-per-node 1 -m utdsl train lora --model vit_t16 --data digits \
