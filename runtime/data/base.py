@@ -83,20 +83,21 @@ class ImageListDataset(Dataset):
         """The image as uint8 ``(3, H, W)``, augmented by the transform (a
         :class:`~.loading.TensorPipeline`) from ``generator`` (None: torch's global one), and
         its label."""
-        try:
-            return self.transform.uint8(self._bytes(index), generator), self.targets[index]
-        except (RuntimeError, UnidentifiedImageError, OSError) as error:
-            raise DataError(f"data set '{self.info.spec}': cannot read image '{self.samples[index][0]}': "
-                            f"{error}") from None
+        return self._from_bytes(index, lambda data, _: self.transform.uint8(data, generator))
 
     def encoded_item(self, index: int, generator=None):
         """The image as the device decoder takes it (:func:`~.device_decode.encode_sample`: the
         file's bytes and its geometry drawn from ``generator``), and its label."""
         from .device_decode import encode_sample
 
+        return self._from_bytes(index, lambda data, path: encode_sample(self.transform, data, generator, path))
+
+    def _from_bytes(self, index: int, convert: Callable):
+        """``convert(file bytes, path)`` of image ``index`` and its label; a file that cannot be
+        read or decoded is a DataError naming it."""
         path = self.samples[index][0]
         try:
-            return encode_sample(self.transform, self._bytes(index), generator, path), self.targets[index]
+            return convert(self._bytes(index), path), self.targets[index]
         except (RuntimeError, UnidentifiedImageError, OSError) as error:
             raise DataError(f"data set '{self.info.spec}': cannot read image '{path}': {error}") from None
 

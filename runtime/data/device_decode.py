@@ -106,7 +106,8 @@ class DeviceDecodedBatches:
             if sample.geometry is None:
                 slot.copy_(sample.data.to(self.device, non_blocking=True).permute(2, 0, 1))
             else:
-                slot.copy_(self._transform(next(decoded), sample.geometry))
+                image = self.pipeline.apply(next(decoded).permute(1, 2, 0), sample.geometry, self._resize)
+                slot.copy_(image.permute(2, 0, 1))
         return self.pipeline.normalize(out)
 
     def _decode(self, jpegs: list[EncodedSample]) -> list[torch.Tensor]:
@@ -128,22 +129,11 @@ class DeviceDecodedBatches:
                                     ) from None
             raise DataError(f"cannot decode a batch of images on {self.device}: {_reason(error)}") from None
 
-    def _transform(self, image: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        """A decoded uint8 ``(3, H, W)`` image cut, resized and flipped as ``geometry`` says, as
-        float32 holding 0-255 integers."""
-        if geometry.crop is not None:
-            top, left, h, w = geometry.crop
-            image = image[:, top:top + h, left:left + w]
-        image = self._resize(image, geometry.resize)
-        if geometry.center is not None:
-            top, left, h, w = geometry.center
-            image = image[:, top:top + h, left:left + w]
-        return image.flip(2) if geometry.flip else image
-
     def _resize(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """The uint8 antialiased resize in float32: along the width, then the height, each pass
-        rounded and clamped to 0-255 as the uint8 kernel's are (bicubic overshoots)."""
-        batch = image.unsqueeze(0).float()
+        """``(h, w, 3)`` rows (of any stride) -> ``(H, W, 3)`` float32 holding 0-255 integers: the
+        uint8 antialiased resize in float32 (a GPU has no uint8 one), along the width, then the
+        height, each pass rounded and clamped to 0-255 as the uint8 kernel's are (bicubic overshoots)."""
+        batch = image.permute(2, 0, 1).unsqueeze(0).float()
         mode = self.pipeline.mode
         for pass_size in ((batch.shape[2], size[1]), tuple(size)):
             if tuple(batch.shape[2:]) == pass_size:
@@ -153,7 +143,7 @@ class DeviceDecodedBatches:
             else:
                 batch = F.interpolate(batch, size=pass_size, mode=mode, antialias=True, align_corners=False)
                 batch = batch.round_().clamp_(0, 255)
-        return batch[0]
+        return batch[0].permute(1, 2, 0)
 
 
 def _reason(error: RuntimeError) -> str:

@@ -113,12 +113,13 @@ class TensorPipeline:
         flip = self.hflip and torch.rand(1, generator=generator).item() < 0.5   # RandomHorizontalFlip's draw
         return Geometry(crop, tuple(resize), center, flip)
 
-    def apply(self, image: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        """``(H, W, 3)`` uint8 rows cut, resized and flipped as ``geometry`` says."""
+    def apply(self, image: torch.Tensor, geometry: Geometry, resize=None) -> torch.Tensor:
+        """``(H, W, 3)`` rows cut, resized (by ``resize(image, size)``, default the uint8 one) and
+        flipped as ``geometry`` says."""
         if geometry.crop is not None:
             top, left, h, w = geometry.crop
             image = image[top:top + h, left:left + w]
-        image = self._resize(image, geometry.resize)
+        image = (resize or self._resize)(image, geometry.resize)
         if geometry.center is not None:
             top, left, h, w = geometry.center
             image = image[top:top + h, left:left + w]
